@@ -1,0 +1,109 @@
+"""Django settings for Earmark, read from the environment (django-environ).
+
+Every knob an operator turns is an environment variable; the defaults give the
+embedded single-host setup: a SQLite file in WAL mode under ``var/``.
+"""
+import os
+import socket
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+DATA_DIR = Path(env.str("EARMARK_DATA_DIR", default=str(BASE_DIR / "var"))).resolve()
+
+DEBUG = env.bool("DEBUG", default=False)
+# Production refuses to start without a real secret; DEBUG and tests may use a throwaway one.
+if DEBUG or env.bool("EARMARK_INSECURE_DEV_SECRET", default=False):
+    SECRET_KEY = env.str("SECRET_KEY", default="earmark-insecure-development-key-do-not-deploy")
+else:
+    SECRET_KEY = env.str("SECRET_KEY")
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+
+# Worker host identity: the "<host>" in worker ids. Several hosts share one database.
+EARMARK_HOSTNAME = env.str("EARMARK_HOSTNAME", default=socket.gethostname())
+EARMARK_MODELS_DIR = Path(env.str("EARMARK_MODELS_DIR", default=str(DATA_DIR / "models"))).resolve()
+
+# Queue and worker timing (seconds). A worker whose heartbeat is older than the
+# timeout is presumed dead and its jobs go back to the queue.
+EARMARK_HEARTBEAT_INTERVAL = env.float("EARMARK_HEARTBEAT_INTERVAL", default=5.0)
+EARMARK_HEARTBEAT_TIMEOUT = env.float("EARMARK_HEARTBEAT_TIMEOUT", default=30.0)
+EARMARK_LEASE_SECONDS = env.float("EARMARK_LEASE_SECONDS", default=300.0)
+EARMARK_JOB_RETENTION_SECONDS = env.float("EARMARK_JOB_RETENTION_SECONDS", default=7 * 24 * 3600)
+EARMARK_IDLE_POLL_SECONDS = env.float("EARMARK_IDLE_POLL_SECONDS", default=0.5)
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_eventstream",
+    "workers",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+WSGI_APPLICATION = "project.wsgi.application"
+ASGI_APPLICATION = "project.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": env.db_url("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'earmark.sqlite3'}"),
+}
+from workers.dialect import database_options  # noqa: E402  (one place for SQLite/PostgreSQL differences)
+
+DATABASES["default"] = database_options(DATABASES["default"])
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+
+# Settings that only make sense behind HTTPS switch on together with one variable.
+if env.bool("EARMARK_HTTPS", default=False):
+    SECURE_SSL_REDIRECT = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env.int("EARMARK_HSTS_SECONDS", default=31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("EARMARK_LOG_LEVEL", default="INFO")},
+}

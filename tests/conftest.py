@@ -1,0 +1,76 @@
+"""Shared fixtures: real worker processes against the test's real SQLite file."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+pytest_plugins = [p for p in ("tests.conftest_models",) if (ROOT / "tests" / "conftest_models.py").exists()]
+
+
+def database_url() -> str:
+    """The URL of the database the test is using, for child processes."""
+    s = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{s['NAME']}"
+    return f"postgres://{s['USER']}:{s['PASSWORD']}@{s['HOST']}:{s['PORT']}/{s['NAME']}"
+
+
+@pytest.fixture
+def worker_env(transactional_db):
+    """Environment for child processes: the production settings module on the test database."""
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="project.settings",
+        DATABASE_URL=database_url(),
+        SECRET_KEY="earmark-test-suite-only",
+        EARMARK_DATA_DIR=str(settings.DATA_DIR),
+        EARMARK_MODELS_DIR=str(settings.EARMARK_MODELS_DIR),
+        EARMARK_HOSTNAME=settings.EARMARK_HOSTNAME,
+        EARMARK_HEARTBEAT_INTERVAL=str(settings.EARMARK_HEARTBEAT_INTERVAL),
+        EARMARK_HEARTBEAT_TIMEOUT=str(settings.EARMARK_HEARTBEAT_TIMEOUT),
+        EARMARK_IDLE_POLL_SECONDS="0.2",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def manage(*args, env: dict, check=True, timeout=300, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``manage.py`` in a child process and wait for it."""
+    proc = subprocess.run([sys.executable, str(ROOT / "manage.py"), *map(str, args)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"manage.py {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def spawn(*args, env: dict, **kwargs) -> subprocess.Popen:
+    """Start ``manage.py`` in the background (a real worker process)."""
+    return subprocess.Popen([sys.executable, str(ROOT / "manage.py"), *map(str, args)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def wait_for(predicate, timeout=30.0, interval=0.1, message="condition"):
+    """Poll until ``predicate()`` is truthy; fail the test with ``message`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+@pytest.fixture
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS

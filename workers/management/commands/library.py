@@ -1,0 +1,57 @@
+"""``manage.py library add|list|show``: manage the libraries Earmark listens to."""
+import json
+
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
+
+from workers.libraries import add_library, summary
+from workers.models import Library
+
+
+class Command(BaseCommand):
+    help = "Add, list and show libraries."
+
+    def add_arguments(self, parser):
+        sub = parser.add_subparsers(dest="action", required=True)
+        add = sub.add_parser("add", help="Add a library (an existing directory).")
+        add.add_argument("name")
+        add.add_argument("path")
+        add.add_argument("--write-mode", default="minimal", choices=Library.WriteMode.values)
+        sub.add_parser("list", help="One line per library.")
+        show = sub.add_parser("show", help="Track counts and failed files of one library.")
+        show.add_argument("name")
+        show.add_argument("--json", action="store_true")
+
+    def handle(self, *args, action, **options):
+        getattr(self, f"do_{action}")(**options)
+
+    def do_add(self, name, path, write_mode, **_):
+        try:
+            lib = add_library(name, path, write_mode)
+        except ValidationError as exc:
+            raise CommandError("; ".join(exc.messages)) from None
+        self.stdout.write(f"added library {lib.name} at {lib.root}")
+
+    def do_list(self, **_):
+        for lib in Library.objects.all():
+            s = summary(lib, failed_limit=0)
+            flag = "" if lib.enabled else "\tdisabled"
+            self.stdout.write(f"{lib.name}\t{lib.root}\t{s['tracks']} tracks\t{lib.write_mode}{flag}")
+
+    def do_show(self, name, json: bool = False, **_):
+        lib = Library.objects.filter(name=name).first()
+        if lib is None:
+            raise CommandError(f"no library named {name!r}")
+        data = summary(lib)
+        if json:
+            self.stdout.write(_dumps(data))
+            return
+        self.stdout.write(f"{lib.name}: {lib.root} ({data['tracks']} tracks, write mode {lib.write_mode})")
+        for state, n in data["by_state"].items():
+            self.stdout.write(f"  {state:8} {n}")
+        for f in data["failed"]:
+            self.stdout.write(f"  failed: {f['path']}: {f['error']}")
+
+
+def _dumps(data) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False)

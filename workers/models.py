@@ -1,0 +1,144 @@
+"""Earmark's tables: libraries and tracks, the job queues, and the meta key/value channel.
+
+All live state is here, so that every process (and the admin) reads the same
+truth; no worker keeps anything in memory that another process needs.
+"""
+from django.db import models
+from django.db.models import Q
+
+
+class Library(models.Model):
+    class WriteMode(models.TextChoices):
+        NONE = "none", "none (scores only)"
+        MINIMAL = "minimal", "minimal (category lists and version)"
+        FULL = "full", "full (plus per-label scores)"
+
+    name = models.CharField(max_length=200, unique=True)
+    root = models.CharField(max_length=4096, help_text="Absolute path of the library's root directory.")
+    enabled = models.BooleanField(default=True)
+    write_mode = models.CharField(max_length=10, choices=WriteMode.choices, default=WriteMode.MINIMAL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_scan_at = models.DateTimeField(null=True, blank=True)
+    last_scan_error = models.TextField(blank=True, default="")
+
+    class Meta:
+        verbose_name_plural = "libraries"
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class Track(models.Model):
+    class State(models.TextChoices):
+        NEW = "new"
+        SCANNED = "scanned"
+        TAGGED = "tagged"
+        FAILED = "failed"
+        MISSING = "missing"
+
+    library = models.ForeignKey(Library, on_delete=models.CASCADE, related_name="tracks")
+    # Paths are stored escaped (workers.paths) so that names with undecodable
+    # bytes survive the round trip through a UTF-8 database exactly.
+    path = models.TextField(unique=True)
+    folder = models.TextField(db_index=True)
+    size = models.BigIntegerField(null=True, blank=True)
+    mtime_ns = models.BigIntegerField(null=True, blank=True)
+    format = models.CharField(max_length=16, blank=True, default="")
+    codec = models.CharField(max_length=32, blank=True, default="")
+    duration = models.FloatField(null=True, blank=True)
+    sample_rate = models.IntegerField(null=True, blank=True)
+    channels = models.IntegerField(null=True, blank=True)
+    bitrate = models.IntegerField(null=True, blank=True)
+    artist = models.CharField(max_length=500, blank=True, default="")
+    album = models.CharField(max_length=500, blank=True, default="")
+    title = models.CharField(max_length=500, blank=True, default="")
+    tags = models.JSONField(default=dict, blank=True, help_text="The user's own tags, as read at scan time.")
+    state = models.CharField(max_length=10, choices=State.choices, default=State.NEW, db_index=True)
+    error = models.TextField(blank=True, default="")
+    model_version = models.CharField(max_length=100, blank=True, default="")
+    calibration_version = models.CharField(max_length=100, blank=True, default="")
+    scan_gen = models.IntegerField(default=0, help_text="The library scan that last saw this file.")
+    scanned_at = models.DateTimeField(null=True, blank=True)
+    tagged_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["library", "state"], name="track_library_state")]
+
+    def __str__(self):
+        return self.path
+
+
+class Job(models.Model):
+    """One row per unit of work, for all queues (``scan``, ``tag``, ``calibrate``)."""
+
+    class State(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    ACTIVE_STATES = (State.QUEUED, State.RUNNING)
+    FINISHED_STATES = (State.DONE, State.FAILED, State.CANCELLED)
+
+    queue = models.CharField(max_length=20)
+    key = models.CharField(max_length=300, help_text="Dedup key: one active job per (queue, key).")
+    payload = models.JSONField(default=dict, blank=True)
+    track = models.ForeignKey(Track, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    library = models.ForeignKey(Library, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    state = models.CharField(max_length=10, choices=State.choices, default=State.QUEUED)
+    priority = models.IntegerField(default=100, help_text="Lower runs first.")
+    attempts = models.IntegerField(default=0)
+    max_attempts = models.IntegerField(default=3)
+    run_after = models.DateTimeField()
+    claimed_by = models.CharField(max_length=300, blank=True, default="")
+    boot_id = models.CharField(max_length=40, blank=True, default="")
+    lease_expires = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    result = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField()
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["queue", "key"],
+                condition=Q(state__in=["queued", "running"]),
+                name="job_one_active_per_key",
+            ),
+        ]
+        indexes = [
+            # The claim: queued jobs of one queue in (priority, id) order.
+            models.Index(fields=["queue", "priority", "id"], condition=Q(state="queued"), name="job_claim"),
+            # Rescue and lease extension look only at running jobs.
+            models.Index(fields=["claimed_by"], condition=Q(state="running"), name="job_running_by"),
+            models.Index(fields=["queue", "state"], name="job_queue_state"),
+            # Pruning finished jobs by age.
+            models.Index(fields=["finished_at"], condition=Q(state__in=["done", "failed", "cancelled"]), name="job_finished"),
+        ]
+
+    def __str__(self):
+        return f"{self.queue}:{self.key} ({self.state})"
+
+
+class Meta(models.Model):
+    """Key/value rows: the IPC channel between processes.
+
+    ``worker:<host>:<queue>:<n>`` rows are live workers (their ``updated_at`` is
+    the heartbeat); ``queue:<name>:paused`` and similar rows are flags.
+    """
+
+    key = models.CharField(max_length=300, primary_key=True)
+    value = models.JSONField(default=dict, blank=True)
+    updated_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        verbose_name = "meta entry"
+        verbose_name_plural = "meta"
+
+    def __str__(self):
+        return self.key
