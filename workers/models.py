@@ -142,3 +142,24 @@ class Meta(models.Model):
 
     def __str__(self):
         return self.key
+
+
+class Score(models.Model):
+    """A track's raw model outputs: per label, the mean and spread over its 3 s patches.
+
+    Kept so that recalibration rewrites tags without running the networks.
+    Stored as little-endian float32 vectors in the order of ``labels``
+    (``workers.tagging.scores`` packs and unpacks them): compact, and a whole
+    library loads into one numpy matrix in a second.
+    """
+
+    track = models.OneToOneField(Track, on_delete=models.CASCADE, related_name="score", primary_key=True)
+    model_version = models.CharField(max_length=100)
+    labels_version = models.CharField(max_length=40, help_text="Digest of the label list the vectors follow.")
+    means = models.BinaryField()
+    spreads = models.BinaryField()
+    patches = models.IntegerField(default=0)
+    created_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self):
+        return f"scores of track {self.track_id}"
