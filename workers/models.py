@@ -56,6 +56,8 @@ class Track(models.Model):
     tags = models.JSONField(default=dict, blank=True, help_text="The user's own tags, as read at scan time.")
     state = models.CharField(max_length=10, choices=State.choices, default=State.NEW, db_index=True)
     error = models.TextField(blank=True, default="")
+    earmark_tags = models.JSONField(default=dict, blank=True,
+                                    help_text="The category lists Earmark last wrote (or would write) for this file.")
     model_version = models.CharField(max_length=100, blank=True, default="")
     calibration_version = models.CharField(max_length=100, blank=True, default="")
     scan_gen = models.IntegerField(default=0, help_text="The library scan that last saw this file.")
