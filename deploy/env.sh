@@ -12,3 +12,17 @@ export EARMARK_WEB_PORT="${EARMARK_WEB_PORT:-8000}"
 export EARMARK_WEB_AUTOSTART="${EARMARK_WEB_AUTOSTART:-true}"
 export EARMARK_SCANNERS="${EARMARK_SCANNERS:-4}"
 export DJANGO_SETTINGS_MODULE="${DJANGO_SETTINGS_MODULE:-project.settings}"
+# GPUs on this host (nvidia-smi's count when not set) and taggers per GPU; two
+# single-thread taggers on a CPU-only host measured fastest on 2 cores.
+if [ -z "${EARMARK_GPUS:-}" ]; then
+  EARMARK_GPUS=$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -c '^GPU') || echo 0)
+fi
+export EARMARK_GPUS
+export EARMARK_TAGGERS_PER_GPU="${EARMARK_TAGGERS_PER_GPU:-1}"
+if [ "$EARMARK_GPUS" -gt 0 ]; then
+  export EARMARK_TAGGERS="${EARMARK_TAGGERS:-$((EARMARK_GPUS * EARMARK_TAGGERS_PER_GPU))}"
+else
+  export EARMARK_TAGGERS="${EARMARK_TAGGERS:-2}"
+fi
+export EARMARK_TAGGER_DEVICE="${EARMARK_TAGGER_DEVICE:-auto}"
+export EARMARK_TAGGER_AUTOSTART="${EARMARK_TAGGER_AUTOSTART:-true}"

@@ -180,7 +180,7 @@ def scan_folder(library: Library, folder: bytes, gen: int, full: bool, progress=
     for i, (entry, kind) in enumerate(files):
         text = paths.to_text(entry.path)
         seen.append(text)
-        track = _scan_file(library, entry, kind, known.get(text), folder_text, gen, full, result)
+        track = _scan_file(library, entry.path, kind, known.get(text), folder_text, gen, full, result)
         if track is not None and _needs_tagging(track, model_version):
             tag_jobs.append(queue.NewJob(key=f"tag:{track.id}", track_id=track.id, library_id=library.id,
                                          priority=TAG_PRIORITY))
@@ -217,7 +217,11 @@ def _classify(entry: os.DirEntry, root: bytes) -> str | None:
             return None  # sockets, FIFOs, devices: never audio
     except OSError:
         return None
-    target = os.path.realpath(entry.path)
+    return _classify_link(entry.path, root)
+
+
+def _classify_link(path: bytes, root: bytes) -> str | None:
+    target = os.path.realpath(path)
     if not paths.is_within(target, root):
         return "link-outside"
     if not os.path.exists(target):
@@ -225,16 +229,41 @@ def _classify(entry: os.DirEntry, root: bytes) -> str | None:
     return "file" if os.path.isfile(target) else None
 
 
-def _scan_file(library, entry, kind, track, folder_text, gen, full, result) -> Track | None:
+def rescan_track(track: Track) -> Track | None:
+    """Re-read one known file now (a tagger found it changed); returns it when it is scannable.
+
+    Marks the track missing when the file is gone; a file that became bad
+    becomes a failed track, as in a folder scan.
+    """
+    path = paths.to_bytes(track.path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        Track.objects.filter(id=track.id).update(state=Track.State.MISSING, updated_at=timezone.now())
+        return None
+    except OSError:
+        mode = 0
+    kind = None
+    if statmod.S_ISREG(mode):
+        kind = "file"
+    elif statmod.S_ISLNK(mode):
+        kind = _classify_link(path, resolved_root(track.library))
+    if kind is None:
+        Track.objects.filter(id=track.id).update(state=Track.State.FAILED, error="no longer a regular audio file")
+        return None
+    return _scan_file(track.library, path, kind, track, track.folder, track.scan_gen, True, FolderResult())
+
+
+def _scan_file(library, path: bytes, kind, track, folder_text, gen, full, result) -> Track | None:
     """Create or refresh one track; returns it when it is (newly) scanned, else None."""
-    text = paths.to_text(entry.path)
+    text = paths.to_text(path)
     if kind == "link-outside":
         return _record_failure(library, track, text, folder_text, gen, None,
                                "symlink leads outside the library root; not followed", result)
     if kind == "link-broken":
         return _record_failure(library, track, text, folder_text, gen, None, "broken symlink: its target does not exist", result)
     try:
-        st = os.stat(entry.path)
+        st = os.stat(path)
     except OSError:
         return _record_failure(library, track, text, folder_text, gen, None,
                                "the file vanished while it was being scanned", result)
@@ -243,7 +272,7 @@ def _scan_file(library, entry, kind, track, folder_text, gen, full, result) -> T
         return track if track.state in (Track.State.SCANNED, Track.State.TAGGED) else None
     result.files_read += 1
     try:
-        info = fileinfo.read(entry.path)
+        info = fileinfo.read(path)
     except fileinfo.BadFile as exc:
         return _record_failure(library, track, text, folder_text, gen, st, str(exc), result)
     fields = dict(

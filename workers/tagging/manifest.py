@@ -30,7 +30,7 @@ def current_model_version(models_dir: Path | None = None, names=DEFAULT_MODELS) 
     manifest = read_manifest(models_dir)
     if not manifest:
         return None
-    versions = manifest.get("versions", {})
-    if not all(n in versions for n in names):
+    models = manifest.get("models", {})
+    if not all(n in models for n in names):
         return None
-    return "+".join(versions[n] for n in names)
+    return "+".join(models[n]["version"] for n in names)

@@ -1,0 +1,255 @@
+"""Audio file to raw per-label scores: decode → log-mel → 3 s patches → networks → mean and spread.
+
+This is the only module (with ``musicnn`` and ``frontend``) that imports
+torch; only tagger processes import it. Default tagging runs MTT_musicnn and
+MSD_musicnn on the same patches, so each file is decoded and transformed once.
+
+Memory is bounded whatever the file's length: audio is decoded in chunks and
+turned into log-mel frames chunk by chunk (each chunk carries one hop of real
+neighbouring audio on both sides, so its frames equal those of a whole-file
+transform), patches are scored as they fill, and only running sums of the
+scores are kept. Patch layout follows ``frontend.patch_starts``: back-to-back
+3 s patches, plus one end-aligned patch when at least half a patch remains; a
+file shorter than one patch is repeat-padded (``frontend.patches``), and one
+shorter than ``MIN_SECONDS`` is refused as too short to tell anything.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from workers.audio.decode import TARGET_SR, iter_decode
+from workers.tagging import frontend, labels, musicnn
+from workers.tagging.manifest import DEFAULT_MODELS
+
+HOP = frontend.HOP
+PATCH = frontend.PATCH_FRAMES
+MIN_SECONDS = 1.0
+CHUNK_PATCHES = 20  # 60 s of audio per decode chunk
+
+
+class TooShortError(ValueError):
+    """The file holds less audio than the networks can say anything about."""
+
+
+@dataclass
+class Analysis:
+    """One file's raw scores: per label, the mean and the spread (std) over its patches."""
+
+    labels: tuple[str, ...]
+    means: np.ndarray
+    spreads: np.ndarray
+    patches: int
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def mappings(self) -> tuple[dict[str, float], dict[str, float]]:
+        """``({label: mean}, {label: spread})``, as ``build_tags`` takes them."""
+        return (dict(zip(self.labels, map(float, self.means))), dict(zip(self.labels, map(float, self.spreads))))
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` means the first visible GPU when there is one, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device} requested but no CUDA GPU is visible")
+    return device
+
+
+class Analyzer:
+    """Loads the networks once per process and scores files on one device."""
+
+    def __init__(self, device: str = "auto", models_dir=None, names=DEFAULT_MODELS, patch_batch: int | None = None):
+        self.device = resolve_device(device)
+        self.names = tuple(names)
+        self.nets = [musicnn.load(n, device=self.device, models_dir=models_dir) for n in self.names]
+        self.model_version = "+".join(musicnn.model_version(n, models_dir) for n in self.names)
+        self.labels = tuple(
+            f"{labels.dataset_of(n)}:{tag}" for n in self.names for tag in labels.labels_for(n, models_dir)
+        )
+        # One patch per forward pass is fastest on the CPU (memory traffic); a GPU wants hundreds.
+        self.patch_batch = patch_batch or (1 if self.device == "cpu" else 512)
+
+    # -- scoring -----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def score_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """(n, 187, 96) patches → (n, 100) probabilities, both networks side by side."""
+        outs = []
+        for start in range(0, patches.shape[0], self.patch_batch):
+            batch = patches[start : start + self.patch_batch].to(self.device, non_blocking=True)
+            outs.append(torch.cat([net(batch) for net in self.nets], dim=1))
+        return torch.cat(outs).float().cpu()
+
+    def analyze(self, path, max_seconds: float | None = None) -> Analysis:
+        """Score one file; raises ``DecodeError`` or ``TooShortError`` for files that cannot be tagged."""
+        timings = {"decode": 0.0, "frontend": 0.0, "networks": 0.0}
+        acc = _Accumulator(len(self.labels))
+        stream = _PatchStream()
+        for patches in self._patch_chunks(path, stream, timings, max_seconds):
+            t = time.perf_counter()
+            acc.add(self.score_patches(patches))
+            timings["networks"] += time.perf_counter() - t
+        return self._finish(acc, stream, timings)
+
+    def _patch_chunks(self, path, stream, timings, max_seconds):
+        chunks = iter_decode(path, TARGET_SR, chunk_seconds=CHUNK_PATCHES * PATCH * HOP / TARGET_SR,
+                             max_seconds=max_seconds)
+        while True:
+            t = time.perf_counter()
+            chunk = next(chunks, None)
+            timings["decode"] += time.perf_counter() - t
+            t = time.perf_counter()
+            patches = stream.feed(chunk) if chunk is not None else stream.finish()
+            timings["frontend"] += time.perf_counter() - t
+            if patches is not None and len(patches):
+                yield patches
+            if chunk is None:
+                return
+
+    def _finish(self, acc: "_Accumulator", stream: "_PatchStream", timings) -> Analysis:
+        seconds = stream.samples / TARGET_SR
+        if seconds < MIN_SECONDS:
+            raise TooShortError(f"too short to tag: {seconds:.2f} s of audio (at least {MIN_SECONDS:.0f} s needed)")
+        means, spreads = acc.result()
+        return Analysis(self.labels, means, spreads, acc.n, round(seconds, 3), timings)
+
+    def analyze_many(self, paths, decode_threads: int = 4) -> list:
+        """Score several files with their patches batched together (for a GPU).
+
+        Files decode and transform in a thread pool (PyAV and torch release the
+        GIL) while the networks run on full batches. Returns, per path, an
+        ``Analysis`` or the exception that file raised.
+        """
+        with ThreadPoolExecutor(decode_threads) as pool:
+            prepared = list(pool.map(self._prepare, paths))
+        ready = [p for p in prepared if isinstance(p, _Prepared)]
+        if ready:
+            t = time.perf_counter()
+            scores = self.score_patches(torch.cat([p.patches for p in ready]))
+            per_patch = (time.perf_counter() - t) / max(1, len(scores))
+            for p, part in zip(ready, torch.split(scores, [len(p.patches) for p in ready])):
+                p.acc.add(part)
+                p.timings["networks"] = per_patch * len(part)
+        return [self._result(p) for p in prepared]
+
+    def _prepare(self, path):
+        """Decode and cut one file's patches (runs in a decode thread)."""
+        timings = {"decode": 0.0, "frontend": 0.0, "networks": 0.0}
+        stream = _PatchStream()
+        try:
+            parts = list(self._patch_chunks(path, stream, timings, None))
+        except Exception as exc:  # noqa: BLE001 - reported per file
+            return exc
+        patches = torch.cat(parts) if parts else torch.empty(0, PATCH, frontend.N_MELS)
+        return _Prepared(patches, stream, timings, _Accumulator(len(self.labels)))
+
+    def _result(self, prepared):
+        if not isinstance(prepared, _Prepared):
+            return prepared
+        try:
+            return self._finish(prepared.acc, prepared.stream, prepared.timings)
+        except Exception as exc:  # noqa: BLE001 - reported per file
+            return exc
+
+
+class _Accumulator:
+    """Running sum and sum of squares per label (float64), so patches need not be kept."""
+
+    def __init__(self, width: int):
+        self.n = 0
+        self.total = np.zeros(width, dtype=np.float64)
+        self.squares = np.zeros(width, dtype=np.float64)
+
+    def add(self, scores: torch.Tensor) -> None:
+        values = scores.numpy().astype(np.float64)
+        self.n += len(values)
+        self.total += values.sum(axis=0)
+        self.squares += np.square(values).sum(axis=0)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        mean = self.total / max(1, self.n)
+        var = np.maximum(self.squares / max(1, self.n) - mean**2, 0.0)
+        return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+
+@dataclass
+class _Prepared:
+    patches: torch.Tensor
+    stream: "_PatchStream"
+    timings: dict
+    acc: _Accumulator
+
+
+class _PatchStream:
+    """Turns audio chunks into the exact log-mel frames of a whole-file transform, then patches.
+
+    A centred STFT frame at sample ``c`` needs audio ``c-256 .. c+256``. Each
+    transform here covers whole hops of new audio plus one hop of real context
+    on each side, so interior chunk borders match a whole-file transform; only
+    the file's two ends are reflect-padded, as in the reference front end.
+    """
+
+    def __init__(self):
+        self.pending = np.zeros(0, dtype=np.float32)  # audio not yet turned into frames
+        self.context: np.ndarray | None = None  # the hop of audio before ``pending``
+        self.frames: list[torch.Tensor] = []  # frames not yet cut into patches
+        self.history: torch.Tensor | None = None  # the last full patch, for the end-aligned one
+        self.samples = 0
+        self.total_frames = 0
+
+    def feed(self, chunk: np.ndarray) -> torch.Tensor | None:
+        self.samples += len(chunk)
+        self.pending = np.concatenate([self.pending, chunk.astype(np.float32, copy=False)])
+        usable = (len(self.pending) - HOP) // HOP * HOP  # keep one hop of look-ahead
+        if usable <= 0:
+            return None
+        self._transform(self.pending[: usable + HOP], frames=usable // HOP)
+        self.context = self.pending[usable - HOP : usable]
+        self.pending = self.pending[usable:]
+        return self._cut()
+
+    def finish(self) -> torch.Tensor | None:
+        """The last frames (reflect-padded at the end) and the trailing patch rules."""
+        if self.samples == 0:
+            return None
+        tail = self.pending
+        head = self.context if self.context is not None else np.zeros(0, dtype=np.float32)
+        mel = frontend.logmel(torch.from_numpy(np.concatenate([head, tail])))
+        self.frames.append(mel[1:] if len(head) else mel)
+        self.total_frames += len(self.frames[-1])
+        self.pending = np.zeros(0, dtype=np.float32)
+        out = self._cut()
+        rest = torch.cat(self.frames) if self.frames else torch.empty(0, frontend.N_MELS)
+        if self.history is None:  # shorter than one patch: repeat-pad it
+            padded = frontend.patches(rest)
+            return padded if out is None else torch.cat([out, padded])
+        if len(rest) * 2 >= PATCH:
+            last = torch.cat([self.history, rest])[-PATCH:].unsqueeze(0)
+            return last if out is None else torch.cat([out, last])
+        return out
+
+    def _transform(self, audio: np.ndarray, frames: int) -> None:
+        """Frames centred on the first ``frames`` hops of ``audio`` (after the context hop)."""
+        if self.context is None:
+            mel = frontend.logmel(torch.from_numpy(audio))[:frames]
+        else:
+            mel = frontend.logmel(torch.from_numpy(np.concatenate([self.context, audio])))[1 : frames + 1]
+        self.frames.append(mel)
+        self.total_frames += frames
+
+    def _cut(self) -> torch.Tensor | None:
+        frames = torch.cat(self.frames) if len(self.frames) > 1 else (self.frames[0] if self.frames else None)
+        if frames is None or len(frames) < PATCH:
+            self.frames = [frames] if frames is not None else []
+            return None
+        n = len(frames) // PATCH
+        out = frames[: n * PATCH].reshape(n, PATCH, frontend.N_MELS)
+        self.history = out[-1]
+        self.frames = [frames[n * PATCH :]]
+        return out.contiguous()
