@@ -74,3 +74,28 @@ def wait_for(predicate, timeout=30.0, interval=0.1, message="condition"):
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+def drain_scans(limit: int | None = None) -> list:
+    """Run queued scan jobs in-process, as a scanner worker would; returns the failed jobs.
+
+    ``limit`` stops after that many jobs (to interrupt a scan midway).
+    """
+    from workers import queue, scanner
+    from workers.models import Job
+    from workers.runtime import PermanentError
+
+    worker, done = "worker:testhost:scan:inline", 0
+    while limit is None or done < limit:
+        jobs = queue.claim("scan", worker, "boot", 1)
+        if not jobs:
+            break
+        job = jobs[0]
+        try:
+            result = scanner.process_job(job.payload, job.library_id)
+        except PermanentError as exc:
+            queue.fail(job, worker, str(exc), retry=False)
+        else:
+            queue.complete([job.id], worker, {job.id: result})
+        done += 1
+    return list(Job.objects.filter(queue="scan", state="failed"))

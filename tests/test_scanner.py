@@ -12,30 +12,11 @@ import pytest
 
 from workers import paths, queue, scanner
 from workers.models import Job, Library, Track
-from workers.runtime import PermanentError
 
+from .conftest import drain_scans as drain
 from .audio_factory import make_corrupt_id3_mp3, make_file, make_id3_only, make_image_as_audio, make_random_bytes
 
 pytestmark = pytest.mark.django_db
-
-W = "worker:testhost:scan:t"
-
-
-def drain() -> list[Job]:
-    """Run every queued scan job in-process, as a scanner worker would; returns failed jobs."""
-    while True:
-        jobs = queue.claim("scan", W, "boot", 10)
-        if not jobs:
-            break
-        for job in jobs:
-            try:
-                result = scanner.process_job(job.payload, job.library_id)
-            except PermanentError as exc:
-                queue.fail(job, W, str(exc), retry=False)
-            else:
-                queue.complete([job.id], W, {job.id: result})
-    return list(Job.objects.filter(queue="scan", state="failed"))
-
 
 def scan(lib, full=False):
     scanner.request_scan(lib, full=full)
@@ -140,8 +121,7 @@ def test_root_vanishing_mid_scan_marks_nothing(library):
     make_file(root / "b", "mp3", seconds=1, name="y.mp3")
     scan(library)
     scanner.request_scan(library)
-    [job] = queue.claim("scan", W, "boot", 1)  # the library job: fans out to the root folder
-    queue.complete([job.id], W, {job.id: scanner.process_job(job.payload, job.library_id)})
+    drain(limit=1)  # only the library job: it fans out to the root folder
     shutil.rmtree(root)  # the NAS unmounts after the scan started
     failed = drain()
     assert failed and "Nothing was marked missing" in failed[-1].last_error

@@ -68,9 +68,7 @@ class TagWorker(Worker):
     # -- jobs ------------------------------------------------------------------------
 
     def prepare(self, jobs: list[ClaimedJob], ctx: Context) -> None:
-        """GPU: decode the batch in threads and score all its patches together."""
-        if self.analyzer.device == "cpu":
-            return
+        """Decode the batch in threads and score all its patches together (the GPU default)."""
         checked = {}
         for job in jobs:
             try:
