@@ -26,6 +26,15 @@ if ! "$python" -m venv --help >/dev/null 2>&1 || ! "$python" -c 'import ensurepi
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 
+# The browser test drives Debian's Chromium (never a downloaded browser build).
+if [ "${1:-}" = "--test" ] && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "Note: /usr/bin/chromium is missing; the browser test will be skipped (sudo apt-get install chromium)." >&2
+  fi
+fi
+
 stamp=".venv/.earmark-$(cat pyproject.toml deploy/bootstrap.sh | sha256sum | cut -c1-16)-${extras//,/-}-$(echo "$torch_spec" | sha256sum | cut -c1-8)"
 if [ ! -e "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip

@@ -34,6 +34,13 @@ EARMARK_LEASE_SECONDS = env.float("EARMARK_LEASE_SECONDS", default=300.0)
 EARMARK_JOB_RETENTION_SECONDS = env.float("EARMARK_JOB_RETENTION_SECONDS", default=7 * 24 * 3600)
 EARMARK_IDLE_POLL_SECONDS = env.float("EARMARK_IDLE_POLL_SECONDS", default=0.5)
 
+# The live admin (django-eventstream): only staff read the channels; the state
+# broker glances at the database every POLL seconds (SQLite: PRAGMA
+# data_version) and re-reads it at most once per MIN_INTERVAL.
+EVENTSTREAM_CHANNELMANAGER_CLASS = "workers.channels.StaffChannelManager"
+EARMARK_BROKER_POLL_SECONDS = env.float("EARMARK_BROKER_POLL_SECONDS", default=0.05)
+EARMARK_BROKER_MIN_INTERVAL = env.float("EARMARK_BROKER_MIN_INTERVAL", default=0.25)
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",

@@ -1,7 +1,14 @@
-"""URL routes: the admin and, from the live-admin issue on, the event stream."""
+"""URL routes: the admin with its live dashboard, and the event stream that keeps it live."""
 from django.contrib import admin
 from django.urls import path
 
+from workers import views
+
 urlpatterns = [
+    # Before admin.site.urls, whose catch-all would otherwise claim these paths.
+    path("admin/dashboard/", admin.site.admin_view(views.dashboard), name="earmark-dashboard"),
+    path("admin/dashboard/plots/", admin.site.admin_view(views.plots_page), name="earmark-plots"),
+    path("admin/dashboard/supervisor/", admin.site.admin_view(views.supervisor_control), name="earmark-supervisor"),
     path("admin/", admin.site.urls),
+    path("events/", views.events, name="earmark-events"),
 ]
