@@ -219,6 +219,14 @@ def test_batched_scoring_equals_one_file_at_a_time(library, tagger, models):
     for a, b in zip(single, batched):
         assert a.patches == b.patches
         assert np.allclose(a.means, b.means, atol=1e-5) and np.allclose(a.spreads, b.spreads, atol=1e-5)
+    from workers.tagging.pipeline import Analyzer
+
+    pooled = Analyzer("cpu", models_dir=models, decode_workers=2)  # spawned decode processes, as on a GPU host
+    try:
+        for a, b in zip(single, pooled.analyze_many(files)):
+            assert np.allclose(a.means, b.means, atol=1e-5)
+    finally:
+        pooled.close()
     tagger.batch_size = 4
     try:
         assert scan_and_tag(library, tagger) == []

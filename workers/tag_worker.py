@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from django.conf import settings
 
-from workers import paths, scanner
+from workers import calibration, paths, scanner
 from workers.audio.decode import DecodeError
 from workers.models import Track
 from workers.queue import ClaimedJob
@@ -38,16 +39,20 @@ class TagWorker(Worker):
     def setup(self, ctx: Context) -> None:
         import torch
 
-        from workers.tagging.pipeline import Analyzer
+        from workers.tagging.pipeline import Analyzer, resolve_device
 
         torch.set_num_threads(self.threads)
-        self.analyzer = Analyzer(self.requested_device)
-        on_gpu = self.analyzer.device != "cpu"
+        on_gpu = resolve_device(self.requested_device) != "cpu"
+        self.analyzer = Analyzer(self.requested_device, decode_workers=decode_workers() if on_gpu else 0)
         self.batch_size = self.requested_batch or (GPU_FILES_PER_BATCH if on_gpu else 1)
         ctx.update(device=self._describe_device(), gpu_memory=self._gpu_memory(),
                    model_version=self.analyzer.model_version)
         log.info("tagger ready on %s (models %s, %d files per batch)", self.analyzer.device,
                  self.analyzer.model_version, self.batch_size)
+
+    def teardown(self) -> None:
+        if self.analyzer is not None:
+            self.analyzer.close()
 
     def _describe_device(self) -> str:
         import torch
@@ -91,9 +96,15 @@ class TagWorker(Worker):
         scores.save(track, self.analyzer.model_version, analysis.labels, analysis.means, analysis.spreads,
                     analysis.patches)
         means, spreads = analysis.mappings()
+        started = time.perf_counter()
         written = write_track_tags(track, means, spreads, self.analyzer.model_version, _calibration())
-        return {"patches": analysis.patches, "seconds": analysis.seconds, "written": written.changed,
-                "tags": written.tagset.categories, "timings": {k: round(v, 4) for k, v in analysis.timings.items()}}
+        timings = {**analysis.timings, "write": time.perf_counter() - started}
+        calibration.maybe_recalibrate()  # cheap: looks at the database at most every 30 s per process
+        result = {"patches": analysis.patches, "seconds": analysis.seconds, "written": written.changed,
+                  "tags": written.tagset.categories, "timings": {k: round(v, 4) for k, v in timings.items()}}
+        if self.analyzer.device != "cpu":
+            result["gpu_memory"] = self._gpu_memory()
+        return result
 
     def _checked_track(self, job: ClaimedJob) -> Track:
         """The job's track, its file inside the library and unchanged since its scan (else re-scanned)."""
@@ -136,9 +147,14 @@ class TagWorker(Worker):
             raise PermanentError(str(exc)) from None
 
 
+def decode_workers() -> int:
+    """Decode processes feeding one GPU tagger: a GPU outruns any single decoder many times over."""
+    return int(os.environ.get("EARMARK_DECODE_WORKERS") or min(8, max(1, (os.cpu_count() or 2) - 1)))
+
+
 def _calibration():
-    """The calibration in force; ``None`` (uncalibrated) until calibrations exist."""
-    return None
+    """The library calibration in force (``UNCALIBRATED`` until one exists), cached per process."""
+    return calibration.current()
 
 
 def models_installed() -> bool:

@@ -16,7 +16,8 @@ shorter than ``MIN_SECONDS`` is refused as too short to tell anything.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,7 +65,8 @@ def resolve_device(device: str = "auto") -> str:
 class Analyzer:
     """Loads the networks once per process and scores files on one device."""
 
-    def __init__(self, device: str = "auto", models_dir=None, names=DEFAULT_MODELS, patch_batch: int | None = None):
+    def __init__(self, device: str = "auto", models_dir=None, names=DEFAULT_MODELS, patch_batch: int | None = None,
+                 decode_workers: int = 0):
         self.device = resolve_device(device)
         self.names = tuple(names)
         self.nets = [musicnn.load(n, device=self.device, models_dir=models_dir) for n in self.names]
@@ -74,6 +76,8 @@ class Analyzer:
         )
         # One patch per forward pass is fastest on the CPU (memory traffic); a GPU wants hundreds.
         self.patch_batch = patch_batch or (1 if self.device == "cpu" else 512)
+        self.decode_workers = decode_workers
+        self.pool = None
 
     # -- scoring -----------------------------------------------------------------
 
@@ -91,71 +95,96 @@ class Analyzer:
         timings = {"decode": 0.0, "frontend": 0.0, "networks": 0.0}
         acc = _Accumulator(len(self.labels))
         stream = _PatchStream()
-        for patches in self._patch_chunks(path, stream, timings, max_seconds):
+        for patches in _patch_chunks(path, stream, timings, max_seconds):
             t = time.perf_counter()
             acc.add(self.score_patches(patches))
             timings["networks"] += time.perf_counter() - t
-        return self._finish(acc, stream, timings)
+        return self._finish(acc, stream.samples, timings)
 
-    def _patch_chunks(self, path, stream, timings, max_seconds):
-        chunks = iter_decode(path, TARGET_SR, chunk_seconds=CHUNK_PATCHES * PATCH * HOP / TARGET_SR,
-                             max_seconds=max_seconds)
-        while True:
-            t = time.perf_counter()
-            chunk = next(chunks, None)
-            timings["decode"] += time.perf_counter() - t
-            t = time.perf_counter()
-            patches = stream.feed(chunk) if chunk is not None else stream.finish()
-            timings["frontend"] += time.perf_counter() - t
-            if patches is not None and len(patches):
-                yield patches
-            if chunk is None:
-                return
-
-    def _finish(self, acc: "_Accumulator", stream: "_PatchStream", timings) -> Analysis:
-        seconds = stream.samples / TARGET_SR
+    def _finish(self, acc: "_Accumulator", samples: int, timings) -> Analysis:
+        seconds = samples / TARGET_SR
         if seconds < MIN_SECONDS:
             raise TooShortError(f"too short to tag: {seconds:.2f} s of audio (at least {MIN_SECONDS:.0f} s needed)")
         means, spreads = acc.result()
         return Analysis(self.labels, means, spreads, acc.n, round(seconds, 3), timings)
 
-    def analyze_many(self, paths, decode_threads: int = 4) -> list:
+    def analyze_many(self, paths) -> list:
         """Score several files with their patches batched together (for a GPU).
 
-        Files decode and transform in a thread pool (PyAV and torch release the
-        GIL) while the networks run on full batches. Returns, per path, an
-        ``Analysis`` or the exception that file raised.
+        Files are decoded and cut into patches in parallel (``decode_workers``
+        spawned processes, or threads when 0) while the networks run on full
+        batches. Returns, per path, an ``Analysis`` or the exception that file
+        raised.
         """
-        with ThreadPoolExecutor(decode_threads) as pool:
-            prepared = list(pool.map(self._prepare, paths))
-        ready = [p for p in prepared if isinstance(p, _Prepared)]
+        prepared = list(self._pool().map(prepare_file, paths))
+        ready = [p for p in prepared if isinstance(p, Prepared)]
         if ready:
             t = time.perf_counter()
-            scores = self.score_patches(torch.cat([p.patches for p in ready]))
+            scores = self.score_patches(torch.from_numpy(np.concatenate([p.patches for p in ready])))
             per_patch = (time.perf_counter() - t) / max(1, len(scores))
             for p, part in zip(ready, torch.split(scores, [len(p.patches) for p in ready])):
-                p.acc.add(part)
                 p.timings["networks"] = per_patch * len(part)
+                acc = _Accumulator(len(self.labels))
+                acc.add(part)
+                p.result = acc
         return [self._result(p) for p in prepared]
 
-    def _prepare(self, path):
-        """Decode and cut one file's patches (runs in a decode thread)."""
-        timings = {"decode": 0.0, "frontend": 0.0, "networks": 0.0}
-        stream = _PatchStream()
-        try:
-            parts = list(self._patch_chunks(path, stream, timings, None))
-        except Exception as exc:  # noqa: BLE001 - reported per file
-            return exc
-        patches = torch.cat(parts) if parts else torch.empty(0, PATCH, frontend.N_MELS)
-        return _Prepared(patches, stream, timings, _Accumulator(len(self.labels)))
+    def _pool(self):
+        """Decode workers, made once. Processes are spawned, never forked: CUDA breaks in a forked child."""
+        if self.pool is None:
+            if self.decode_workers > 0:
+                self.pool = ProcessPoolExecutor(self.decode_workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_decode_worker_init)
+            else:
+                self.pool = ThreadPoolExecutor(4)
+        return self.pool
 
     def _result(self, prepared):
-        if not isinstance(prepared, _Prepared):
+        if not isinstance(prepared, Prepared):
             return prepared
         try:
-            return self._finish(prepared.acc, prepared.stream, prepared.timings)
+            return self._finish(prepared.result, prepared.samples, prepared.timings)
         except Exception as exc:  # noqa: BLE001 - reported per file
             return exc
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+
+def _decode_worker_init() -> None:
+    """Decode processes run one torch thread each; the cores are shared between them."""
+    torch.set_num_threads(1)
+
+
+def prepare_file(path):
+    """Decode one file and cut its patches (in a decode worker); the exception instead on failure."""
+    timings = {"decode": 0.0, "frontend": 0.0, "networks": 0.0}
+    stream = _PatchStream()
+    try:
+        parts = list(_patch_chunks(path, stream, timings, None))
+    except Exception as exc:  # noqa: BLE001 - reported per file
+        return exc
+    patches = torch.cat(parts).numpy() if parts else np.zeros((0, PATCH, frontend.N_MELS), np.float32)
+    return Prepared(patches, stream.samples, timings)
+
+
+def _patch_chunks(path, stream, timings, max_seconds):
+    """Patches of a file, chunk by chunk, timing decode and front end separately."""
+    chunks = iter_decode(path, TARGET_SR, chunk_seconds=CHUNK_PATCHES * PATCH * HOP / TARGET_SR,
+                         max_seconds=max_seconds)
+    while True:
+        t = time.perf_counter()
+        chunk = next(chunks, None)
+        timings["decode"] += time.perf_counter() - t
+        t = time.perf_counter()
+        patches = stream.feed(chunk) if chunk is not None else stream.finish()
+        timings["frontend"] += time.perf_counter() - t
+        if patches is not None and len(patches):
+            yield patches
+        if chunk is None:
+            return
 
 
 class _Accumulator:
@@ -179,11 +208,13 @@ class _Accumulator:
 
 
 @dataclass
-class _Prepared:
-    patches: torch.Tensor
-    stream: "_PatchStream"
+class Prepared:
+    """One file decoded and cut into patches, ready for the networks (picklable)."""
+
+    patches: np.ndarray
+    samples: int
     timings: dict
-    acc: _Accumulator
+    result: _Accumulator | None = None
 
 
 class _PatchStream:

@@ -1,0 +1,187 @@
+"""``python -m bench.tagger``: tagging throughput on this machine, against a decode-only ceiling.
+
+CPU (default): a demo library is tagged by 1 and 2 ``run_tagger`` processes
+(MTT_musicnn + MSD_musicnn, one thread each); reported as tracks/s and ×
+realtime (seconds of audio per wall second), with the time split into decode,
+front end, networks and tag write (summed from the jobs' own timings). In the
+same run, a bare decode loop over the same files gives the ceiling of a
+pipeline that does nothing but decode.
+
+GPU (``--gpu``): in-process sweep of files per batch (patches of several files
+in one forward pass, fed by spawned decode processes), with tracks/s, × realtime and GPU
+memory; then the same ``run_tagger`` processes on the GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from bench.common import ROOT, Procs, Workspace, connect, manage, median, scalar, stopwatch, wait_until
+
+CACHE = ROOT / "var" / "bench-cache"
+TARGET_CPU_X_REALTIME = 50.0
+
+
+def demo_library(tracks: int, min_s: float, max_s: float) -> Path:
+    """A demo library made once and reused (``var/bench-cache``)."""
+    path = CACHE / f"tagger-{tracks}-{min_s:g}-{max_s:g}"
+    if not (path / "demo-manifest.json").exists():
+        env = dict(os.environ, DJANGO_SETTINGS_MODULE="project.settings", SECRET_KEY="bench",
+                   EARMARK_DATA_DIR=str(CACHE))
+        manage("make_demo_library", path, "--tracks", tracks, "--min-seconds", min_s, "--max-seconds", max_s,
+               "--jobs", os.cpu_count() or 1, env=env, timeout=3600)
+    return path
+
+
+def models_dir() -> Path:
+    """Installed models (installed once into the bench cache from the cached wheel)."""
+    target = Path(os.environ.get("EARMARK_MODELS_DIR") or CACHE / "models")
+    env = dict(os.environ, DJANGO_SETTINGS_MODULE="project.settings", SECRET_KEY="bench",
+               EARMARK_DATA_DIR=str(CACHE), EARMARK_MODELS_DIR=str(target))
+    wheel = sorted((ROOT / "var" / "cache" / "wheels").glob("musicnn-0.1.0-*.whl"))
+    manage("install_models", *(["--from-wheel", wheel[0]] if wheel else []), env=env, timeout=1200)
+    return target
+
+
+def audio_files(root: Path) -> list[Path]:
+    from workers.audio.formats import format_for_path
+
+    return sorted(p for p in root.rglob("*") if p.is_file() and format_for_path(p.name))
+
+
+def decode_ceiling(files: list[Path]) -> tuple[float, float]:
+    """(files/s, × realtime) of decoding alone to 16 kHz mono, in this process."""
+    from workers.audio.decode import decode
+
+    audio = 0.0
+    with stopwatch() as elapsed:
+        for f in files:
+            audio += decode(f).duration
+    return len(files) / elapsed(), audio / elapsed()
+
+
+def run_taggers(ws: Workspace, library: Path, models: Path, processes: int, device: str, batch: int | None) -> dict:
+    """Scan a fresh copy of the library, then time ``processes`` taggers draining its tag jobs."""
+    db = ws.fresh_db()
+    copy = ws.dir / f"lib-{db.stem}"
+    shutil.copytree(library, copy)
+    env = ws.env(db, EARMARK_MODELS_DIR=models, EARMARK_IDLE_POLL_SECONDS="0.05", EARMARK_TORCH_THREADS="1")
+    manage("library", "add", "bench", copy, env=env)
+    manage("scan", "bench", env=env)
+    manage("run_scanner", "--exit-when-idle", env=env)
+    manage("queue", "pause", "tag", env=env)
+    args = ["run_tagger", "--exit-when-idle", "--device", device, *(["--batch", batch] if batch else [])]
+    conn = connect(db)
+    total = scalar(conn, "SELECT COUNT(*) FROM workers_job WHERE queue='tag'")
+    with Procs([args + ["--number", n] for n in range(processes)], env, ws.log_dir, f"tagger{processes}") as procs:
+        wait_until(lambda: scalar(conn, "SELECT COUNT(*) FROM workers_meta WHERE key LIKE 'worker:%:tag:%' "
+                                        "AND value LIKE '%\"state\": \"idle\"%'") == processes,
+                   timeout=300, message="taggers ready", procs=procs)
+        with stopwatch() as elapsed:
+            manage("queue", "resume", "tag", env=env)
+            wait_until(lambda: scalar(conn, "SELECT COUNT(*) FROM workers_job WHERE queue='tag' "
+                                            "AND state IN ('done','failed')") == total,
+                       timeout=3600, interval=0.05, message="all tag jobs finished", procs=procs)
+        wall = elapsed()
+        procs.check_exits(procs.wait(120))
+    rows = [json.loads(r) for (r,) in conn.execute("SELECT result FROM workers_job WHERE queue='tag' AND state='done'")]
+    failed = scalar(conn, "SELECT COUNT(*) FROM workers_job WHERE queue='tag' AND state='failed'")
+    conn.close()
+    shutil.rmtree(copy)
+    audio = sum(r["seconds"] for r in rows)
+    split = {k: sum(r["timings"].get(k, 0) for r in rows) for k in ("decode", "frontend", "networks", "write")}
+    gpu_mb = max((r.get("gpu_memory") or 0 for r in rows), default=0) / 2**20
+    return {"tracks": len(rows), "failed": failed, "wall": wall, "audio": audio, "split": split, "gpu_mb": gpu_mb}
+
+
+def gpu_sweep(files: list[Path], models: Path, batches: list[int], workers: int, device: str) -> list[dict]:
+    """In-process: files per batch vs throughput and GPU memory (decode processes feed the GPU)."""
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+    os.environ.setdefault("SECRET_KEY", "bench")
+    os.environ["EARMARK_MODELS_DIR"] = str(models)
+    django.setup()
+    import torch
+
+    from workers.tagging.pipeline import Analyzer
+
+    analyzer = Analyzer(device, decode_workers=workers)
+    analyzer.analyze_many(files[: 2 * workers])  # warm-up: decode processes, kernels, allocator
+    rows = []
+    on_gpu = device.startswith("cuda")
+    for batch in batches:
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        audio, done = 0.0, 0
+        with stopwatch() as elapsed:
+            for start in range(0, len(files), batch):
+                for r in analyzer.analyze_many(files[start : start + batch]):
+                    if not isinstance(r, BaseException):
+                        audio += r.seconds
+                        done += 1
+        rows.append({"batch": batch, "tracks_s": done / elapsed(), "x_rt": audio / elapsed(),
+                     "gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else 0.0})
+    return rows
+
+
+def print_cpu(results: dict[int, list[dict]], ceiling: tuple[float, float]) -> None:
+    print(f"\n{'run':34} {'tracks/s':>9} {'x realtime':>11} {'decode':>8} {'front':>8} {'nets':>8} {'write':>8}"
+          f" {'GPU MB/proc':>12}")
+    for n, runs in results.items():
+        tps = median([r["tracks"] / r["wall"] for r in runs])
+        xrt = median([r["audio"] / r["wall"] for r in runs])
+        split = {k: median([r["split"][k] / max(1, r["tracks"]) * 1000 for r in runs]) for k in runs[0]["split"]}
+        gpu = max(r["gpu_mb"] for r in runs)
+        print(f"{f'{n} tagger process(es)':34} {tps:9.2f} {xrt:11.1f} " +
+              " ".join(f"{split[k]:6.0f}ms" for k in ("decode", "frontend", "networks", "write")) +
+              (f" {gpu:12.0f}" if gpu else ""))
+    print(f"{'decode-only loop (1 process)':34} {ceiling[0]:9.2f} {ceiling[1]:11.1f}")
+    two = median([r["audio"] / r["wall"] for r in results.get(2, results[max(results)])])
+    print(f"\nper-track split is CPU time inside each job (ms per track); medians over repeats")
+    print(f"2 processes: {two:.1f}x realtime = {two / TARGET_CPU_X_REALTIME:.2f} x the 50x target; "
+          f"decode-only ceiling per process {ceiling[1]:.0f}x ({two / ceiling[1]:.1%} of it)")
+    if 1 in results and 2 in results:
+        one = median([r["audio"] / r["wall"] for r in results[1]])
+        print(f"scaling 1 -> 2 processes: {two / one:.2f}x")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tracks", type=int, default=24)
+    parser.add_argument("--min-seconds", type=float, default=20)
+    parser.add_argument("--max-seconds", type=float, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--processes", default="1,2")
+    parser.add_argument("--gpu", action="store_true", help="GPU sweep and GPU tagger processes")
+    parser.add_argument("--device", default=None, help="with --gpu: the device (default cuda; cpu to try the path)")
+    parser.add_argument("--batches", default="1,4,16,32,64")
+    parser.add_argument("--decode-workers", type=int, default=min(8, os.cpu_count() or 1))
+    args = parser.parse_args(argv)
+
+    library = demo_library(args.tracks, args.min_seconds, args.max_seconds)
+    models = models_dir()
+    files = audio_files(library)
+    print(f"library: {len(files)} files in {library}")
+    if args.gpu:
+        device = args.device or "cuda"
+        rows = gpu_sweep(files, models, [int(b) for b in args.batches.split(",")], args.decode_workers, device)
+        print(f"\n{'files/batch':>11} {'tracks/s':>9} {'x realtime':>11} {'GPU MB':>8}")
+        for r in rows:
+            print(f"{r['batch']:11} {r['tracks_s']:9.1f} {r['x_rt']:11.0f} {r['gpu_mb']:8.0f}")
+    results: dict[int, list[dict]] = {}
+    with Workspace() as ws:
+        ceiling = decode_ceiling(files)
+        for _ in range(args.repeats):
+            for n in [int(p) for p in args.processes.split(",")]:
+                batch = max(r["batch"] for r in rows) if args.gpu else None
+                results.setdefault(n, []).append(run_taggers(ws, library, models, n, device if args.gpu else "cpu", batch))
+    print_cpu(results, ceiling)
+
+
+if __name__ == "__main__":
+    main()
