@@ -26,3 +26,6 @@ else
 fi
 export EARMARK_TAGGER_DEVICE="${EARMARK_TAGGER_DEVICE:-auto}"
 export EARMARK_TAGGER_AUTOSTART="${EARMARK_TAGGER_AUTOSTART:-true}"
+# Recalibrators rewrite tags from stored scores (no torch): cheap, CPU light.
+export EARMARK_RECALIBRATORS="${EARMARK_RECALIBRATORS:-2}"
+export EARMARK_RECALIBRATOR_AUTOSTART="${EARMARK_RECALIBRATOR_AUTOSTART:-true}"

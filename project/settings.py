@@ -20,6 +20,10 @@ if DEBUG or env.bool("EARMARK_INSECURE_DEV_SECRET", default=False):
     SECRET_KEY = env.str("SECRET_KEY", default="earmark-insecure-development-key-do-not-deploy")
 else:
     SECRET_KEY = env.str("SECRET_KEY")
+    if not SECRET_KEY.strip():  # "SECRET_KEY=" left empty in an env file is no secret either
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured("Set the SECRET_KEY environment variable (it is empty)")
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 
 # Worker host identity: the "<host>" in worker ids. Several hosts share one database.
@@ -33,6 +37,9 @@ EARMARK_HEARTBEAT_TIMEOUT = env.float("EARMARK_HEARTBEAT_TIMEOUT", default=30.0)
 EARMARK_LEASE_SECONDS = env.float("EARMARK_LEASE_SECONDS", default=300.0)
 EARMARK_JOB_RETENTION_SECONDS = env.float("EARMARK_JOB_RETENTION_SECONDS", default=7 * 24 * 3600)
 EARMARK_IDLE_POLL_SECONDS = env.float("EARMARK_IDLE_POLL_SECONDS", default=0.5)
+# SIGTERM lets a worker finish its current job for this long, then it releases the
+# job and exits; supervisord's stopwaitsecs (30 s) must stay above it.
+EARMARK_STOP_GRACE_SECONDS = env.float("EARMARK_STOP_GRACE_SECONDS", default=20.0)
 
 # The live admin (django-eventstream): only staff read the channels; the state
 # broker glances at the database every POLL seconds (SQLite: PRAGMA

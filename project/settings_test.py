@@ -2,7 +2,15 @@
 
 The test database is a real SQLite file in WAL mode (not ``:memory:``), so
 that worker processes started by the tests share it.
+
+``EARMARK_TEST_DB=postgres`` runs the tests on PostgreSQL instead: on the
+server named by ``EARMARK_TEST_POSTGRES_URL`` (the main test run starts a
+throwaway one and passes it down, see ``tests/test_postgres.py``), or, when
+that is unset, on a throwaway server started here and stopped at exit
+(``tests/pg.py``). The test database gets the process id in its name, so
+that runs sharing one server never drop each other's database.
 """
+import atexit
 import os
 import tempfile
 
@@ -12,11 +20,28 @@ os.environ.setdefault("EARMARK_HEARTBEAT_INTERVAL", "1")
 os.environ.setdefault("EARMARK_HEARTBEAT_TIMEOUT", "6")
 os.environ.setdefault("EARMARK_HOSTNAME", "testhost")
 
+
+def _postgres_url() -> str:
+    """The server for a PostgreSQL run: the one given, else a throwaway one for this process."""
+    if os.environ.get("EARMARK_TEST_POSTGRES_URL"):
+        return os.environ["EARMARK_TEST_POSTGRES_URL"]
+    from tests.pg import FAST_SETTINGS, PostgresServer
+
+    server = PostgresServer(settings=FAST_SETTINGS).start()
+    atexit.register(server.stop)
+    return server.url("earmark")
+
+
+if os.environ.get("EARMARK_TEST_DB", "sqlite") == "postgres":
+    os.environ["DATABASE_URL"] = _postgres_url()
+
 from project.settings import *  # noqa: E402,F401,F403
 from project.settings import DATA_DIR, DATABASES  # noqa: E402
 
 if "sqlite" in DATABASES["default"]["ENGINE"]:
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
+else:
+    DATABASES["default"]["TEST"] = {"NAME": f"test_earmark_{os.getpid()}"}
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # Tests render admin pages without running collectstatic first.
 STORAGES = {

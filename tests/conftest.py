@@ -1,4 +1,12 @@
-"""Shared fixtures: real worker processes against the test's real SQLite file."""
+"""Shared fixtures: real worker processes against the test's real database.
+
+The database is a SQLite file, or PostgreSQL in the PostgreSQL pass
+(``EARMARK_TEST_DB=postgres``): the main run runs the modules in
+``POSTGRES_MODULES`` a second time, in a child ``pytest`` on a throwaway
+PostgreSQL server (``tests/test_postgres.py``), since Django's database
+is fixed once the settings are loaded. Tests marked ``postgres`` run only
+in that pass.
+"""
 from __future__ import annotations
 
 import os
@@ -6,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from django.conf import settings
@@ -16,13 +25,64 @@ ARTIFACTS = ROOT / "test-artifacts"
 
 pytest_plugins = [p for p in ("tests.conftest_models",) if (ROOT / "tests" / "conftest_models.py").exists()]
 
+# The modules that run on both databases: the queue, the worker runtime, the scanner, the
+# broker, and the PostgreSQL-only tests.
+POSTGRES_MODULES = ("test_queue", "test_worker_processes", "test_scanner", "test_broker", "test_postgres")
+
+
+def on_postgres() -> bool:
+    """True in the PostgreSQL pass (the settings chose the database before any conftest ran)."""
+    return "postgresql" in settings.DATABASES["default"]["ENGINE"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "postgres: runs only on PostgreSQL (in the PostgreSQL pass)")
+    config.addinivalue_line("markers", "postgres_driver: starts the PostgreSQL pass; never runs inside it")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect what does not belong to this pass: PostgreSQL-only tests on SQLite, the driver on PostgreSQL."""
+    unwanted = "postgres_driver" if on_postgres() else "postgres"
+    keep = [item for item in items if item.get_closest_marker(unwanted) is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server for the session's PostgreSQL pass (or the one in EARMARK_TEST_POSTGRES_URL).
+
+    No binaries: skipped with a clear message, or a failure under EARMARK_REQUIRE_POSTGRES=1 (CI).
+    """
+    from tests import pg
+
+    if os.environ.get(pg.URL_ENV):
+        yield os.environ[pg.URL_ENV]
+        return
+    if pg.find_bindir() is None:
+        if pg.required():
+            pytest.fail(pg.MISSING_MESSAGE.replace("tests skipped", "tests required (EARMARK_REQUIRE_POSTGRES=1)"))
+        pytest.skip(pg.MISSING_MESSAGE)
+    with pg.PostgresServer(settings=pg.FAST_SETTINGS) as server:
+        yield server.url("earmark")
+
+
+@pytest.fixture(autouse=True)
+def _close_listeners_after_each_test():
+    """No LISTEN connection of this process outlives its test (PostgreSQL drops a test database only when unused)."""
+    yield
+    from workers import dialect
+
+    dialect.close_listeners()
+
 
 def database_url() -> str:
     """The URL of the database the test is using, for child processes."""
     s = connection.settings_dict
     if connection.vendor == "sqlite":
         return f"sqlite:///{s['NAME']}"
-    return f"postgres://{s['USER']}:{s['PASSWORD']}@{s['HOST']}:{s['PORT']}/{s['NAME']}"
+    return f"postgres://{quote(s['USER'], safe='')}:{quote(s['PASSWORD'], safe='')}@{s['HOST']}:{s['PORT']}/{s['NAME']}"
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ class Supervisor:
             EARMARK_SUPERVISOR_SOCKET=str(self.run_dir / "run" / "supervisor.sock"),
             EARMARK_WEB_AUTOSTART="false",
             EARMARK_TAGGER_AUTOSTART="false",
+            EARMARK_RECALIBRATOR_AUTOSTART="false",
             EARMARK_PYTHON=str(Path(os.sys.executable)),
         )
         self.env.update({k: str(v) for k, v in overrides.items()})

@@ -304,3 +304,7 @@ class MetaAdmin(admin.ModelAdmin):
     @admin.display(description="value")
     def value_json(self, obj):
         return _json(obj.value)
+
+
+# The Calibration admin lives beside the calibration code; importing it registers it.
+from . import calibration_admin  # noqa: E402,F401

@@ -7,7 +7,11 @@ lifespan shutdown or at exit) that
 
 1. glances at the database every ``poll`` seconds (50 ms): on SQLite
    ``PRAGMA data_version``, a counter that moves when another connection
-   commits and that reads no table and takes no lock;
+   commits and that reads no table and takes no lock; on PostgreSQL, whether
+   a notification came on the queue channels or ``earmark_state`` (LISTEN on
+   a connection of its own, ``dialect.ChangeFeed``), which enqueues, worker
+   rows and operator actions notify; every ``fallback`` seconds (2 s) it
+   counts as changed anyway, for writes that notify nobody;
 2. re-reads the channels (``workers.snapshots``) only when that counter moved
    or a snapshot's own ``refresh_at`` passed, and at most once every
    ``min_interval`` seconds (250 ms; longer when a read is costly, see
@@ -39,7 +43,7 @@ import time
 from django.conf import settings
 from django.db import close_old_connections, connection, connections
 
-from . import dialect, snapshots
+from . import dialect, queue, snapshots
 
 log = logging.getLogger("earmark.broker")
 
@@ -94,7 +98,7 @@ class Broker(threading.Thread):
     """Polls, diffs and sends; ``snapshots()`` is safe to call from any thread."""
 
     def __init__(self, poll: float | None = None, min_interval: float | None = None, send=_send,
-                 has_listeners=_has_listeners):
+                 has_listeners=_has_listeners, fallback: float | None = None):
         super().__init__(name="earmark-broker", daemon=True)
         self.poll = poll if poll is not None else getattr(settings, "EARMARK_BROKER_POLL_SECONDS", 0.05)
         self.min_interval = (min_interval if min_interval is not None
@@ -108,7 +112,9 @@ class Broker(threading.Thread):
         self.reads_started = 0
         self.reads = 0  # finished; reads run one at a time, in order
         self.events_sent = 0
-        self.last_version = None
+        self.fallback = (fallback if fallback is not None
+                         else getattr(settings, "EARMARK_BROKER_FALLBACK_SECONDS", 2.0))
+        self.feed: dialect.ChangeFeed | None = None  # opened in the broker's own thread
         self.dirty = True  # the database may differ from what we last read
         self.last_read = 0.0
         self.spacing = self.min_interval  # grows with the cost of a read (READ_COST_FACTOR)
@@ -123,6 +129,8 @@ class Broker(threading.Thread):
                 self.tick()
                 self.wake.wait(self.poll)
         finally:
+            if self.feed is not None:
+                self.feed.close()
             connections.close_all()
             with self.read_done:
                 self.read_done.notify_all()
@@ -147,13 +155,12 @@ class Broker(threading.Thread):
             time.sleep(self.min_interval)
 
     def _database_moved(self) -> bool:
-        """SQLite: did ``data_version`` move? Other databases have no such counter: always maybe."""
-        version = dialect.data_version(connection)
-        if version is None:
+        """Did another process commit? SQLite: ``data_version`` moved; PostgreSQL: a notification came."""
+        if self.feed is None:
+            channels = [dialect.queue_channel(q) for q in queue.QUEUES] + [dialect.STATE_CHANNEL]
+            self.feed = dialect.ChangeFeed(connection, channels, fallback=self.fallback)
             return True
-        moved = version != self.last_version
-        self.last_version = version
-        return moved
+        return self.feed.changed()
 
     def _refresh_due(self) -> bool:
         now = time.time()

@@ -54,9 +54,9 @@ def read(path: bytes) -> FileInfo:
     except OSError as exc:
         raise BadFile(f"the file cannot be read: {os.strerror(exc.errno or errno.EIO)}") from None
     except Exception as exc:  # mutagen raises many types for damaged headers
-        raise BadFile(f"not a readable audio file ({_describe(exc)})") from None
+        raise BadFile(_unreadable(path, _describe(exc, path))) from None
     if audio is None:
-        raise BadFile("not an audio file Earmark can read (no known audio format inside)")
+        raise BadFile(_unreadable(path, ""))
     info = audio.info
     duration = float(getattr(info, "length", 0) or 0)
     if duration <= 0:
@@ -76,9 +76,26 @@ def read(path: bytes) -> FileInfo:
     )
 
 
-def _describe(exc: Exception) -> str:
+def _describe(exc: Exception, path: bytes | str | None = None) -> str:
     text = str(exc).strip() or type(exc).__name__
+    if path is not None:  # mutagen often names the file (as a bytes repr); the track already says which
+        for form in (repr(path), repr(os.fsdecode(path)), os.fsdecode(path)):
+            text = text.replace(form, "the file")
     return text[:200]
+
+
+def _unreadable(path: bytes, detail: str) -> str:
+    """What the file's first bytes say it is ("not audio: the file is a PNG image"), plus mutagen's detail.
+
+    The decoder's own signature check (imported here only: it loads PyAV,
+    which a scanner needs just for the rare bad file).
+    """
+    from .audio.decode import explain_unreadable
+
+    reason = explain_unreadable(path)
+    if not detail:
+        return reason
+    return f"{reason[:-1]}; {detail})" if reason.endswith(")") else f"{reason} ({detail})"
 
 
 def _user_tags(audio) -> dict:

@@ -165,3 +165,30 @@ class Score(models.Model):
 
     def __str__(self):
         return f"scores of track {self.track_id}"
+
+
+class Calibration(models.Model):
+    """Per-label statistics of the library's stored scores: what "high" means for each label here.
+
+    ``stats`` maps each label id (``"mtt:guitar"``) to its 5th and 95th
+    percentile over the library's tracks (``p5``, ``p95``: the calibrated
+    strength is 0 at p5 and 1 at p95) and a 100-bin histogram over
+    ``[min, max]`` (``counts``) for the admin's plots. ``version`` is a digest
+    of the model version and the percentiles, so computing twice from the
+    same scores gives the same version and rewrites no file.
+    ``workers.calibration`` computes, activates, exports and imports them.
+    """
+
+    version = models.CharField(max_length=100, unique=True)
+    model_version = models.CharField(max_length=100, help_text="The networks whose scores these statistics describe.")
+    stats = models.JSONField(default=dict)
+    track_count = models.IntegerField(default=0, help_text="Tracks the statistics were computed over.")
+    source = models.CharField(max_length=500, blank=True, default="computed")
+    seconds = models.FloatField(null=True, blank=True, help_text="Time the computation took.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self):
+        return self.version

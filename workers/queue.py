@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -19,7 +20,7 @@ from django.db.models import Count
 from django.utils import timezone
 
 from . import dialect
-from .models import Job, Meta
+from .models import Job, Meta, Track
 
 QUEUES = ("scan", "tag", "calibrate")
 BACKOFF_BASE_S = 10.0
@@ -90,42 +91,36 @@ def enqueue_many(queue: str, jobs: list[NewJob]) -> int:
     _check_queue(queue)
     if not jobs:
         return 0
-    now = timezone.now()
-    rows = [
-        Job(
-            queue=queue,
-            key=j.key,
-            payload=j.payload,
-            track_id=j.track_id,
-            library_id=j.library_id,
-            priority=j.priority,
-            max_attempts=j.max_attempts,
-            run_after=now,
-            created_at=now,
-        )
-        for j in jobs
-    ]
-    with connection.cursor() as cur:
-        created = _insert_ignoring_conflicts(cur, rows)
-    if created:
-        dialect.notify(connection, f"earmark_{queue}")
+    now = _ts(timezone.now())
+    # One transaction: the rows and the wake-up of idle workers commit together
+    # (one commit, and no notification for rows that never became visible).
+    with transaction.atomic(), connection.cursor() as cur:
+        created = _insert_ignoring_conflicts(cur, queue, jobs, now)
+        if created:
+            dialect.notify(connection, dialect.queue_channel(queue))
     return created
 
 
-def _insert_ignoring_conflicts(cur, rows: list[Job]) -> int:
-    """INSERT ... ON CONFLICT DO NOTHING, returning how many rows went in."""
-    cols = ["queue", "key", "payload", "track_id", "library_id", "state", "priority", "attempts",
-            "max_attempts", "run_after", "claimed_by", "boot_id", "last_error", "created_at"]
-    placeholders = "(" + ", ".join(["%s"] * len(cols)) + ")"
+_INSERT_COLUMNS = ("queue", "key", "payload", "track_id", "library_id", "state", "priority", "attempts",
+                   "max_attempts", "run_after", "claimed_by", "boot_id", "last_error", "created_at")
+
+
+def _insert_ignoring_conflicts(cur, queue: str, jobs: list[NewJob], now) -> int:
+    """INSERT ... ON CONFLICT DO NOTHING, returning how many rows went in.
+
+    Plain parameter rows, no model instances: the scanner enqueues a tag job
+    for every file it reads, and building ``Job`` objects cost more than the insert.
+    """
+    placeholders = "(" + ", ".join(["%s"] * len(_INSERT_COLUMNS)) + ")"
     created = 0
-    for start in range(0, len(rows), 500):
-        chunk = rows[start : start + 500]
+    for start in range(0, len(jobs), 500):
+        chunk = jobs[start : start + 500]
         params = []
-        for r in chunk:
-            params += [r.queue, r.key, json.dumps(r.payload), r.track_id, r.library_id, "queued", r.priority, 0,
-                       r.max_attempts, _ts(r.run_after), "", "", "", _ts(r.created_at)]
+        for j in chunk:
+            params += [queue, j.key, json.dumps(j.payload), j.track_id, j.library_id, "queued", j.priority, 0,
+                       j.max_attempts, now, "", "", "", now]
         cur.execute(
-            f"INSERT INTO {JOB} ({', '.join(cols)}) VALUES {', '.join([placeholders] * len(chunk))} "
+            f"INSERT INTO {JOB} ({', '.join(_INSERT_COLUMNS)}) VALUES {', '.join([placeholders] * len(chunk))} "
             "ON CONFLICT DO NOTHING",
             params,
         )
@@ -169,18 +164,28 @@ def complete(job_ids: list[int], worker_id: str, results: dict[int, dict] | None
     """Mark jobs done, only where this worker still holds them (a rescued job is not ours)."""
     if not job_ids:
         return 0
-    now = timezone.now()
+    # Raw statements: this is the worker's hot path, and the ORM's query
+    # building cost more than the UPDATE itself (bench.queue).
+    now = _ts(timezone.now())
     results = results or {}
     plain = [i for i in job_ids if i not in results]
-    done = 0
-    if plain:
-        done += Job.objects.filter(id__in=plain, state="running", claimed_by=worker_id).update(
-            state="done", finished_at=now, lease_expires=None, last_error=""
-        )
+    done_sql = f"UPDATE {JOB} SET state = 'done', finished_at = %s, lease_expires = NULL, last_error = ''"
+    mine = "state = 'running' AND claimed_by = %s"
+    statements = []
+    for start in range(0, len(plain), 500):  # SQLite bounds the number of parameters
+        chunk = plain[start : start + 500]
+        statements.append((f"{done_sql} WHERE {mine} AND id IN ({', '.join(['%s'] * len(chunk))})",
+                           [now, worker_id, *chunk]))
     for job_id, result in results.items():
-        done += Job.objects.filter(id=job_id, state="running", claimed_by=worker_id).update(
-            state="done", finished_at=now, lease_expires=None, last_error="", result=result
-        )
+        statements.append((f"{done_sql}, result = %s WHERE {mine} AND id = %s",
+                           [now, json.dumps(result), worker_id, job_id]))
+    done = 0
+    # One transaction (one commit) for the whole batch, however many statements it takes.
+    with transaction.atomic() if len(statements) > 1 else nullcontext():
+        with connection.cursor() as cur:
+            for sql, params in statements:
+                cur.execute(sql, params)
+                done += max(cur.rowcount, 0)
     return done
 
 
@@ -236,7 +241,13 @@ def extend_leases(worker_id: str, boot_id: str, lease_seconds: float | None = No
 # --- rescue and maintenance ------------------------------------------------
 
 def _requeue_sql(where: str) -> str:
-    """The rescuer's one statement: requeue, or quarantine after max attempts."""
+    """The rescuer's one statement: requeue, or quarantine after max attempts.
+
+    A job back after its first lost worker runs again at once (a deploy, an
+    OOM kill: nothing wrong with the job); one whose workers died twice or
+    more waits a backoff first, so that a file that kills its worker steps
+    aside for the rest of the queue until its last try.
+    """
     return (
         f"UPDATE {JOB} SET "
         "state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END, "
@@ -244,7 +255,8 @@ def _requeue_sql(where: str) -> str:
         "THEN 'worker died ' || CAST(attempts AS TEXT) || ' times on this job (last: ' || claimed_by || ')' "
         "ELSE 'worker ' || claimed_by || ' stopped without finishing this job; requeued' END, "
         "finished_at = CASE WHEN attempts >= max_attempts THEN %s ELSE NULL END, "
-        "run_after = %s, claimed_by = '', boot_id = '', lease_expires = NULL "
+        "run_after = CASE WHEN attempts >= 2 THEN %s ELSE %s END, "
+        "claimed_by = '', boot_id = '', lease_expires = NULL "
         f"WHERE state = 'running' AND ({where})"
     )
 
@@ -271,7 +283,8 @@ def rescue_predecessor(worker_id: str, boot_id: str) -> RescueResult:
 
 
 def _requeue(where: str, params: list) -> RescueResult:
-    now = _ts(timezone.now())
+    moment = timezone.now()
+    now, later = _ts(moment), _ts(moment + timedelta(seconds=backoff_seconds(2)))
     with transaction.atomic():
         with connection.cursor() as cur:
             cur.execute(f"SELECT COUNT(*), SUM(CASE WHEN attempts >= max_attempts THEN 1 ELSE 0 END) FROM {JOB} "
@@ -279,8 +292,30 @@ def _requeue(where: str, params: list) -> RescueResult:
             total, failed = cur.fetchone()
             if not total:
                 return RescueResult()
-            cur.execute(_requeue_sql(where), [now, now, *params])
+            if failed:
+                cur.execute(f"SELECT track_id, attempts, claimed_by FROM {JOB} WHERE state = 'running' AND ({where}) "
+                            "AND attempts >= max_attempts AND queue = 'tag' AND track_id IS NOT NULL", params)
+                poisoned = cur.fetchall()
+            cur.execute(_requeue_sql(where), [now, later, now, *params])
+            if failed and poisoned:
+                _fail_poisoned_tracks(poisoned, moment)
+            # At commit: idle workers take the requeued jobs at once, and the dashboard sees them.
+            dialect.notify(connection, *(dialect.queue_channel(q) for q in QUEUES), dialect.STATE_CHANNEL)
     return RescueResult(requeued=total - (failed or 0), failed=failed or 0)
+
+
+def _fail_poisoned_tracks(rows: list[tuple], moment: datetime) -> None:
+    """Quarantined tag jobs fail their tracks too, with the reason.
+
+    Otherwise the track stays "scanned" and every rescan would queue the
+    file that kills taggers again. A failed track is tagged again only when
+    its file changes, or when a person asks (retag in the admin).
+    """
+    for track_id, attempts, worker in rows:
+        Track.objects.filter(id=track_id).update(
+            state=Track.State.FAILED, updated_at=moment,
+            error=f"quarantined: the tagger process died {attempts} times on this file (last: {worker}); "
+                  "it is skipped until the file changes")
 
 
 def prune(retention_seconds: float | None = None) -> int:
@@ -301,7 +336,10 @@ def cancel(job_ids: list[int] | None = None, queue: str | None = None) -> int:
         qs = qs.filter(id__in=job_ids)
     if queue:
         qs = qs.filter(queue=queue)
-    return qs.update(state="cancelled", finished_at=timezone.now())
+    n = qs.update(state="cancelled", finished_at=timezone.now())
+    if n:
+        dialect.notify(connection, dialect.STATE_CHANNEL)
+    return n
 
 
 def retry(job_ids: list[int] | None = None, queue: str | None = None) -> int:
@@ -322,18 +360,21 @@ def retry(job_ids: list[int] | None = None, queue: str | None = None) -> int:
         n += Job.objects.filter(id=job.id).update(
             state="queued", attempts=0, run_after=timezone.now(), finished_at=None, claimed_by="", boot_id=""
         )
+    if n:
+        dialect.notify(connection, *(dialect.queue_channel(q) for q in QUEUES))
     return n
 
 
 def pause(queue: str) -> None:
     _check_queue(queue)
     Meta.objects.update_or_create(key=paused_key(queue), defaults={"value": {"paused": True}, "updated_at": timezone.now()})
+    dialect.notify(connection, dialect.STATE_CHANNEL)
 
 
 def resume(queue: str) -> None:
     _check_queue(queue)
     Meta.objects.filter(key=paused_key(queue)).delete()
-    dialect.notify(connection, f"earmark_{queue}")
+    dialect.notify(connection, dialect.queue_channel(queue))
 
 
 def is_paused(queue: str) -> bool:

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
+from django.db import connection, transaction
 from django.utils import timezone
 
+from . import dialect
 from .models import Meta
 
 PREFIX = "worker:"
@@ -70,7 +72,10 @@ def write(identity: Identity, state: dict) -> None:
         "boot_id": identity.boot_id,
         **state,
     }
-    Meta.objects.update_or_create(key=identity.key, defaults={"value": value, "updated_at": timezone.now()})
+    # One commit for the row and the dashboard broker's wake-up (PostgreSQL): heartbeats are frequent.
+    with transaction.atomic():
+        Meta.objects.update_or_create(key=identity.key, defaults={"value": value, "updated_at": timezone.now()})
+        dialect.notify(connection, dialect.STATE_CHANNEL)
 
 
 def remove(identity: Identity) -> None:
@@ -78,6 +83,7 @@ def remove(identity: Identity) -> None:
     row = Meta.objects.filter(key=identity.key).first()
     if row and row.value.get("boot_id") == identity.boot_id:
         row.delete()
+        dialect.notify(connection, dialect.STATE_CHANNEL)
 
 
 def live_workers() -> list[dict]:
@@ -117,4 +123,6 @@ def reap(heartbeat_timeout: float | None = None) -> int:
     for row in Meta.objects.filter(key__startswith=PREFIX, key__contains=f":{settings.EARMARK_HOSTNAME}:"):
         if _dead_on_this_host(row.value):
             n += Meta.objects.filter(key=row.key, updated_at=row.updated_at).delete()[0]
+    if n:
+        dialect.notify(connection, dialect.STATE_CHANNEL)
     return n

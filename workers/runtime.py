@@ -9,6 +9,7 @@ job (or release it after a grace period); a second signal releases at once.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -22,6 +23,21 @@ from . import dialect, maintenance, queue, registry
 from .queue import ClaimedJob
 
 log = logging.getLogger("earmark.worker")
+
+
+_IMPORTED = time.monotonic()
+
+
+def _process_age() -> float:
+    """Seconds since this process started (from ``/proc``; else since this module was imported)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            start_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
 
 
 class PermanentError(Exception):
@@ -154,6 +170,7 @@ class Runner:
         log.info("%s: started (pid %s, boot %s)", self.identity.key, self.identity.pid, self.identity.boot_id)
         try:
             self.worker.setup(self.ctx)
+            self._hold_until_started()
             self.ctx.update(state="idle")
             self._loop()
         except ImmediateStop as stop:
@@ -162,6 +179,23 @@ class Runner:
             signal.setitimer(signal.ITIMER_REAL, 0)
             self._shutdown(heartbeat)
         return 0
+
+    def _hold_until_started(self) -> None:
+        """Claim nothing until the process is ``EARMARK_START_SECONDS`` old (supervisord sets it).
+
+        supervisord counts a process that exits within ``startsecs`` as a
+        failed start, and after ``startretries`` of those it gives the program
+        up (FATAL) until a person restarts it. A job that kills its worker (a
+        poison file) must never look like that, or a few bad files would stop
+        all tagging: so a worker takes its first job only once it is past
+        ``startsecs``; then a death on a job is an ordinary exit that
+        supervisord restarts, and the queue quarantines the job after its
+        ``max_attempts`` deaths. A worker that cannot start at all (missing
+        models, no database) still fails within ``startsecs``, as it should.
+        """
+        hold = float(os.environ.get("EARMARK_START_SECONDS") or 0)
+        while not self.stopping and _process_age() < hold:
+            time.sleep(0.05)
 
     def _loop(self) -> None:
         while not self.stopping:
@@ -175,8 +209,12 @@ class Runner:
             if self.exit_when_idle and not self._pending():
                 log.info("%s: queue idle, exiting", self.identity.key)
                 return
-            self.ctx.update(state="idle", job=None, file=None, progress=None, detail=None)
-            dialect.wait_for_change(connection, settings.EARMARK_IDLE_POLL_SECONDS, lambda: self.stopping)
+            if self.ctx.status.get("state") != "idle":
+                # Only on the way into idle: every update wakes the heartbeat, and every
+                # heartbeat write would wake every other idle worker into a claim.
+                self.ctx.update(state="idle", job=None, file=None, progress=None, detail=None)
+            dialect.wait_for_change(connection, settings.EARMARK_IDLE_POLL_SECONDS, lambda: self.stopping,
+                                    channels=[dialect.queue_channel(self.worker.queue)])
 
     def _claim(self) -> list[ClaimedJob]:
         try:

@@ -21,7 +21,10 @@ never change. So ``safe_write_tags`` never edits the original:
 
 Any failure removes the clone and raises ``TagWriteError`` with a reason a
 person can act on; the original is untouched. Leftover clones from killed
-processes are found by their prefix (``remove_stale_temp_files``).
+processes are found by their prefix, and their names say which process
+wrote them (``.earmark-tmp-<host>-<pid>-<start>-…``), so the scanner
+removes a dead writer's clone at once and never mistakes a clone for a
+track (``remove_stale_temp_files``).
 
 The caller resolves the path and checks it lies inside a library root; this
 module refuses to operate on anything but a regular file at that path (a
@@ -31,8 +34,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import mmap
 import os
+import re
+import socket
 import stat
 import tempfile
 import time
@@ -295,7 +301,7 @@ def _make_temp(directory: str, name: str) -> tuple[int, str]:
     FFmpeg recognise the format from the name as they do for the original."""
     suffix = os.path.splitext(name)[1]
     try:
-        return tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=suffix, dir=directory or ".")
+        return tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{writer_tag()}-", suffix=suffix, dir=directory or ".")
     except OSError as exc:
         raise TagWriteError(_os_reason(exc, "copy"), stage="copy", errno_=exc.errno) from exc
 
@@ -386,12 +392,60 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
+def _host_digest() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _process_start(pid: int) -> str:
+    """The kernel's start time of ``pid`` (``/proc``): with the pid it names one process, even after pid reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return "0"
+
+
+_writer: tuple[int, str] | None = None
+
+
+def writer_tag() -> str:
+    """``<host digest>-<pid>-<process start time>``: who writes a clone, in its name."""
+    global _writer
+    pid = os.getpid()
+    if _writer is None or _writer[0] != pid:  # computed once per process (a fork gets its own)
+        _writer = (pid, f"{_host_digest()}-{pid}-{_process_start(pid)}")
+    return _writer[1]
+
+
+_TEMP_NAME = re.compile(rb"^" + re.escape(TEMP_PREFIX.encode()) + rb"([0-9a-f]{8})-(\d+)-(\d+)-")
+
+
+def _writer_is_dead(name: bytes) -> bool:
+    """True when the clone's name says it was written by a process of this host that no longer runs."""
+    match = _TEMP_NAME.match(name)
+    if match is None or match.group(1).decode() != _host_digest():
+        return False  # another host's writer (a shared NAS) or an old-style name: only age tells
+    pid, start = int(match.group(2)), match.group(3).decode()
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    return _process_start(pid) not in ("0", start)  # the pid now belongs to another process
+
+
 def remove_stale_temp_files(directory: str | bytes | os.PathLike, older_than: float = 3600.0) -> int:
-    """Delete ``.earmark-tmp-*`` files older than ``older_than`` seconds.
+    """Delete the ``.earmark-tmp-*`` clones in ``directory`` that no live writer will finish.
 
     Left behind only when a worker was killed mid-write (every failure path
-    removes its own). The age limit keeps a scanner from deleting the clone a
-    live worker is writing right now. Returns how many were removed.
+    removes its own). A clone whose name says its writer ran on this host
+    and has died is removed at once; any other (another host's writer, an
+    old-style name) once it is older than ``older_than`` seconds, so a scanner
+    never deletes the clone a live worker is writing right now. Returns how
+    many were removed.
     """
     directory = os.fsencode(directory)
     prefix = TEMP_PREFIX.encode()
@@ -399,13 +453,13 @@ def remove_stale_temp_files(directory: str | bytes | os.PathLike, older_than: fl
     removed = 0
     try:
         entries = list(os.scandir(directory))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return 0
     for entry in entries:
         if not entry.name.startswith(prefix) or not entry.is_file(follow_symlinks=False):
             continue
         try:
-            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+            if _writer_is_dead(entry.name) or entry.stat(follow_symlinks=False).st_mtime < cutoff:
                 os.unlink(entry.path)
                 removed += 1
         except FileNotFoundError:

@@ -35,6 +35,14 @@ TRUNCATION_MIN_GAP = 1.0
 # whole song) unless more than this share of them fail.
 MAX_BAD_PACKET_RATIO = 0.1
 
+#: Test-only poison hook (tests/test_poison.py; also a tripwire on files
+#: that must never be read in tests/test_bad_input.py, test_security.py): when this
+#: environment variable is set and non-empty, opening a file whose path
+#: contains its value calls ``os.abort()``, a real process death (SIGABRT, no
+#: exception, no cleanup), as a decoder crash inside FFmpeg would. It is never
+#: set in production, and unset (or empty) the hook does nothing.
+TEST_ABORT_MARKER_ENV = "EARMARK_TEST_ABORT_MARKER"
+
 
 class DecodeError(Exception):
     """A file could not be decoded; ``reason`` says why in plain words.
@@ -141,12 +149,23 @@ def _os_error(exc: OSError) -> DecodeError:
     return DecodeError("unreadable", f"unreadable: {message}")
 
 
+def _test_abort_hook(path: str) -> None:
+    """Die like a crashing decoder on a marked file; only with ``EARMARK_TEST_ABORT_MARKER`` set (tests)."""
+    marker = os.environ.get(TEST_ABORT_MARKER_ENV)
+    if marker and marker in path:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a test's deliberate crash leaves no core file
+        os.abort()
+
+
 def _open(path: str):
     """Open the container and return (container, first audio stream).
 
     When FFmpeg refuses the file, its first bytes tell a damaged audio file
     (say an M4A cut before its index) from something that never was audio.
     """
+    _test_abort_hook(path)
     _check_file(path)
     try:
         container = av.open(path, "r")
@@ -163,6 +182,20 @@ def _open(path: str):
         what = f"only {', '.join(kinds)}" if kinds else "no streams at all"
         raise DecodeError("not_audio", f"not audio: the file has no audio stream ({what})")
     return container, container.streams.audio[0]
+
+
+def explain_unreadable(path: str | bytes | os.PathLike) -> str:
+    """Why a file that no reader could open is not usable audio, in words, from its first bytes.
+
+    For callers that met the failure elsewhere (the scanner's mutagen read):
+    "not audio: the file is a PNG image", "not audio: the file holds only an
+    ID3 tag and no audio after it", "corrupt: the file starts like a FLAC
+    file but cannot be read (damaged or cut short)".
+    """
+    try:
+        return _unopenable(_native(path)).reason
+    except OSError as exc:
+        return _os_error(exc).reason
 
 
 def _unopenable(path: str) -> DecodeError:
@@ -515,7 +548,10 @@ class StreamDecoder:
             raise DecodeError(
                 "truncated", f"truncated: decoded {self.source_seconds:.1f} s of {declared:.1f} s"
             )
-        reason = _container_truncation(self.path, self.info.container, self.source_seconds)
+        try:
+            reason = _container_truncation(self.path, self.info.container, self.source_seconds)
+        except OSError as exc:  # the file was deleted or moved while it was decoded
+            raise _os_error(exc) from None
         if reason:
             raise DecodeError("truncated", reason)
 

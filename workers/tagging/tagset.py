@@ -5,11 +5,18 @@ calibration, so that recalibrator processes (no ML, no torch) produce
 exactly what a tagger would have written, and a file whose tags would not
 change can be skipped.
 
-The pipeline, per label: raw score → ``calibration.scale`` → a strength in
-[0, 1] → kept when it reaches the tier's cut-off. Kept labels collapse onto
-their canonical value (the strongest synonym gives the value its strength),
-contradictions (``categories.OPPOSING``) keep the stronger side, and each
-category lists its values strongest first.
+The pipeline, per label: raw score → ``calibration.scale`` → a strength
+(0 at "clearly absent", 1 at "clearly present") → kept in a tier when the
+tier's bound reaches its cut-off. The bounds use the spread of the label's
+score over the track's 3 s patches (``TIER_SPREAD``): "strict" asks that the
+label hold across the track (mean minus one spread), "regular" judges the
+mean alone, "loose" also takes a label that is strong in parts of it (mean
+plus one spread). Labels collapse onto their canonical value (the strongest
+synonym gives the value its strength and bounds), contradictions
+(``categories.OPPOSING``) are resolved once, by strength, among every value
+any tier keeps, so the tiers nest (strict ⊆ regular ⊆ loose) and never
+disagree about which side won, and each category lists its values
+strongest first.
 
 Without a library calibration, ``Uncalibrated`` scales each raw score by its
 label's default threshold (``categories.default_threshold``) so that the
@@ -33,6 +40,23 @@ SCHEMA = "earmark/1"
 #: default; "strict" writes fewer, surer tags; "loose" more, for discovery.
 TIERS: dict[str, float] = {"strict": 0.75, "regular": 0.5, "loose": 0.3}
 DEFAULT_TIER = "regular"
+
+#: How many spreads (the standard deviation of a label's score over the
+#: track's patches) each tier adds to the mean before scaling it. A label
+#: that is strong in one passage and absent elsewhere has a large spread:
+#: strict refuses it, loose accepts it. Without spreads (or with a spread of
+#: 0) every tier judges the mean alone. Non-negative for the looser tier,
+#: non-positive for the stricter, so a stricter tier keeps a subset.
+TIER_SPREAD: dict[str, float] = {"strict": -1.0, "regular": 0.0, "loose": 1.0}
+
+#: Tiers written besides the main lists in full mode, as ``<category>_<tier>``.
+EXTRA_TIERS: tuple[str, ...] = ("strict", "loose")
+
+#: The tier that keeps the most: a label it refuses, every tier refuses
+#: (checked below), so most labels are dismissed after two ``scale`` calls.
+LOOSEST = "loose"
+if not all(TIERS[t] >= TIERS[LOOSEST] and TIER_SPREAD[t] <= TIER_SPREAD[LOOSEST] for t in TIERS):
+    raise ValueError(f"every tier must keep a subset of what {LOOSEST!r} keeps")
 
 MODES = ("minimal", "full")
 
@@ -81,8 +105,11 @@ class TagSet:
     """The tags for one file.
 
     ``categories`` maps every category to its values, strongest first (an
-    empty list when nothing passed). ``strengths`` holds each written value's
-    scaled strength (for display and debugging; not written to files).
+    empty list when nothing passed), for the chosen tier. ``tiers`` maps every
+    tier name to such a mapping (``tiers[tier] == categories``); full mode
+    writes the ``EXTRA_TIERS`` lists besides the main ones. ``strengths``
+    holds each written value's scaled strength (for display and debugging;
+    not written to files).
     ``scores`` holds every label's raw score rounded to 3 decimals in full
     mode and is ``None`` in minimal mode. ``version`` names schema, models,
     calibration and, when not the default, the tier.
@@ -93,19 +120,27 @@ class TagSet:
     mode: str = "minimal"
     scores: dict[str, float] | None = None
     strengths: dict[str, dict[str, float]] = field(default_factory=dict, compare=False)
+    tiers: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     def fields(self) -> dict[str, list[str]]:
         """The tag keys and values to write, in the namespace's key spelling.
 
-        Keys are lower-case ``[a-z0-9_]`` (``genre``, ``version``,
-        ``score_mtt_female_vocal``); ``workers.tagfile`` spells them per tag
-        family. Empty categories are left out, so the writer removes them.
+        Keys are lower-case ``[a-z0-9_]`` (``genre``, ``genre_strict``,
+        ``version``, ``score_mtt_female_vocal``); ``workers.tagfile`` spells
+        them per tag family. Empty categories are left out, so the writer
+        removes them. Full mode adds the strict and loose lists.
         """
         out: dict[str, list[str]] = {}
         for category in CATEGORIES:
             values = self.categories.get(category) or []
             if values:
                 out[category] = list(values)
+        if self.mode == "full":
+            for tier in EXTRA_TIERS:
+                for category in CATEGORIES:
+                    values = self.tiers.get(tier, {}).get(category) or []
+                    if values:
+                        out[tier_key(category, tier)] = list(values)
         out[VERSION_KEY] = [self.version]
         if self.scores is not None:
             for label, value in self.scores.items():
@@ -120,6 +155,13 @@ class TagSet:
             "categories": {k: list(v) for k, v in self.categories.items()},
             "scores": dict(self.scores) if self.scores is not None else None,
         }
+
+
+def tier_key(category: str, tier: str) -> str:
+    """The tag key of a category's list in another tier: ``genre_strict``, ``mood_loose``."""
+    if category not in CATEGORIES or tier not in TIERS:
+        raise ValueError(f"unknown category or tier: {category!r}, {tier!r}")
+    return f"{category}_{tier}"
 
 
 def score_key(label: str) -> str:
@@ -170,12 +212,11 @@ def build_tags(
     ``scores`` maps label ids (``"mtt:guitar"``) to the mean raw sigmoid
     output over the track's patches; any subset of the 100 labels may be
     given (a track scored by one model only). ``spreads`` (the per-label
-    spread over patches) is validated but does not change the decision in
-    this schema: a mean is what both calibrations are defined on, and the
-    argument is here so callers pass what they store and a later schema can
-    use it without changing every call site. ``calibration`` defaults to
-    ``UNCALIBRATED``. ``models`` names the networks with their weight hashes
-    for the version tag.
+    spread over patches) moves the strict and loose bounds (``TIER_SPREAD``);
+    the regular tier, and so the default lists, depend on the means alone.
+    ``calibration`` defaults to ``UNCALIBRATED``. ``models`` names the
+    networks with their weight hashes for the version tag. ``tier`` picks
+    the tier of the main lists (``categories``).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -186,17 +227,19 @@ def build_tags(
     if spreads is not None:
         _check_scores(spreads, "spreads")
 
-    strengths = _canonical_strengths(scores, calibration, TIERS[tier])
+    evidence = _canonical_evidence(scores, spreads or {}, calibration)
     for category, side_a, side_b in OPPOSING:
-        _resolve(strengths[category], side_a, side_b)
+        _resolve(evidence[category], side_a, side_b)
 
-    categories = {c: _ranked(strengths[c]) for c in CATEGORIES}
+    tiers = {name: {c: _ranked(evidence[c], name) for c in CATEGORIES} for name in TIERS}
+    categories = tiers[tier]
     return TagSet(
         categories=categories,
         version=format_version(models, calibration.version, tier),
         mode=mode,
         scores=_rounded(scores) if mode == "full" else None,
-        strengths={c: {v: round(strengths[c][v], 3) for v in categories[c]} for c in CATEGORIES},
+        strengths={c: {v: round(evidence[c][v].strength, 3) for v in categories[c]} for c in CATEGORIES},
+        tiers=tiers,
     )
 
 
@@ -212,35 +255,78 @@ def _check_scores(values: Mapping[str, float], what: str) -> None:
             raise ValueError(f"{what}[{label!r}] is not a finite number: {value!r}")
 
 
-def _canonical_strengths(scores: Mapping[str, float], calibration: Calibration,
-                         cutoff: float) -> dict[str, dict[str, float]]:
-    """Per category, each canonical value that passed with its best strength.
+class Evidence:
+    """A canonical value's scaled strength and its bound in each tier (a plain slotted class: one per kept value)."""
+
+    __slots__ = ("strength", "bounds")
+
+    def __init__(self, strength: float, bounds: dict[str, float]):
+        self.strength = strength
+        self.bounds = bounds
+
+    def passes(self, tier: str) -> bool:
+        return self.bounds[tier] >= TIERS[tier]
+
+    def merge(self, other: "Evidence") -> None:
+        """Keep the best of two synonyms, strength and each bound on its own, in place."""
+        self.strength = max(self.strength, other.strength)
+        for tier, bound in other.bounds.items():
+            if bound > self.bounds[tier]:
+                self.bounds[tier] = bound
+
+
+def label_evidence(label: str, raw: float, spread: float, calibration: Calibration) -> Evidence:
+    """Scale one label's mean, and the mean moved by each tier's share of the spread.
+
+    Scaling the moved raw score (rather than scaling the spread) works for any
+    monotone calibration, not only linear ones.
+    """
+    strength = float(calibration.scale(label, raw))
+    bounds = {}
+    for tier, weight in TIER_SPREAD.items():
+        bounds[tier] = strength if not weight or not spread else float(calibration.scale(label, raw + weight * spread))
+    return Evidence(strength, bounds)
+
+
+def _canonical_evidence(scores: Mapping[str, float], spreads: Mapping[str, float],
+                        calibration: Calibration) -> dict[str, dict[str, Evidence]]:
+    """Per category, each canonical value that some tier keeps, with its evidence.
 
     Synonyms merge by maximum: "female" is as strong as its strongest voter,
-    so adding a synonym label never weakens or duplicates a value.
+    so adding a synonym label never weakens or duplicates a value. (The
+    recalibrator runs this for every file; it builds objects only for the
+    few labels that pass.)
     """
-    out: dict[str, dict[str, float]] = {c: {} for c in CATEGORIES}
+    out: dict[str, dict[str, Evidence]] = {c: {} for c in CATEGORIES}
+    loose_cutoff, loose_weight = TIERS[LOOSEST], TIER_SPREAD[LOOSEST]
     for label_id, raw in scores.items():
         label = LABELS[label_id]
         if label.category is None:
             continue
-        strength = float(calibration.scale(label_id, float(raw)))
-        if strength < cutoff:
+        raw, spread = float(raw), abs(float(spreads.get(label_id, 0.0)))
+        if calibration.scale(label_id, raw + loose_weight * spread) < loose_cutoff:
             continue
+        evidence = label_evidence(label_id, raw, spread, calibration)
         bucket = out[label.category]
-        bucket[label.canonical] = max(strength, bucket.get(label.canonical, 0.0))
+        known = bucket.get(label.canonical)
+        if known is None:
+            bucket[label.canonical] = evidence
+        else:
+            known.merge(evidence)
     return out
 
 
-def _resolve(values: dict[str, float], side_a: frozenset[str], side_b: frozenset[str]) -> None:
+def _resolve(values: dict[str, Evidence], side_a: frozenset[str], side_b: frozenset[str]) -> None:
     """Drop the weaker of two contradicting sides, in place.
 
-    A side's strength is its best value. Only a real conflict (both sides
+    A side's strength is its best value's. Only a real conflict (both sides
     present) removes anything; on an exact tie side A is kept, so the result
-    never depends on dict order.
+    never depends on dict order. Resolving once among every value any tier
+    keeps (rather than per tier) means a tier never lists the side another
+    tier rejected.
     """
-    best_a = max((values[v] for v in side_a if v in values), default=None)
-    best_b = max((values[v] for v in side_b if v in values), default=None)
+    best_a = max((values[v].strength for v in side_a if v in values), default=None)
+    best_b = max((values[v].strength for v in side_b if v in values), default=None)
     if best_a is None or best_b is None:
         return
     loser = side_b if best_a >= best_b else side_a
@@ -248,9 +334,10 @@ def _resolve(values: dict[str, float], side_a: frozenset[str], side_b: frozenset
         values.pop(value, None)
 
 
-def _ranked(values: dict[str, float]) -> list[str]:
-    """Values strongest first; equal strengths by name, for stable output."""
-    return [v for v, _ in sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))]
+def _ranked(values: dict[str, Evidence], tier: str) -> list[str]:
+    """The values a tier keeps, strongest first; equal strengths by name, for stable output."""
+    kept = [(v, e.strength) for v, e in values.items() if e.passes(tier)]
+    return [v for v, _ in sorted(kept, key=lambda kv: (-kv[1], kv[0]))]
 
 
 def _rounded(scores: Mapping[str, float]) -> dict[str, float]:
