@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7, help="recalibration rounds per process count")
     p.add_argument("--procs", default="1,2", help="recalibrator process counts")
     p.add_argument("--dir", default=None,
-                   help="where to put the demo files (default: the workspace; /dev/shm shows a disk without fsync cost)")
+                   help="where to put the demo files (default: the workspace; /dev/shm: a disk without fsync cost)")
     p.add_argument("--skip-compute", action="store_true")
     p.add_argument("--skip-recalibration", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the workspace (databases, logs)")

@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.queue", description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=10_000)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--db", choices=["sqlite"], default="sqlite", help="only SQLite for now")
+    p.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite",
+                   help="postgres: the PostgreSQL benchmark (bench.queue_postgres; its own options)")
     p.add_argument("--procs", default="1,2,4", help="worker process counts (comma-separated)")
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH,
                    help=f"Earmark worker --batch (jobs per claim; default {DEFAULT_BATCH})")
@@ -225,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasksdb-procs", default=None, help="django-tasks-db process counts (default: --procs)")
     p.add_argument("--no-tasksdb", action="store_true", help="skip the django-tasks-db anchor")
     p.add_argument("--keep", action="store_true", help="keep the temporary databases and worker logs")
+    args, _ = p.parse_known_args(argv)
+    if args.db == "postgres":  # before Django is set up here: that module points Django at PostgreSQL itself
+        from bench import queue_postgres
+
+        return queue_postgres.main(argv)
     args = p.parse_args(argv)
 
     procs_list = [int(x) for x in args.procs.split(",") if x]

@@ -47,6 +47,11 @@ EARMARK_STOP_GRACE_SECONDS = env.float("EARMARK_STOP_GRACE_SECONDS", default=20.
 EVENTSTREAM_CHANNELMANAGER_CLASS = "workers.channels.StaffChannelManager"
 EARMARK_BROKER_POLL_SECONDS = env.float("EARMARK_BROKER_POLL_SECONDS", default=0.05)
 EARMARK_BROKER_MIN_INTERVAL = env.float("EARMARK_BROKER_MIN_INTERVAL", default=0.25)
+# PostgreSQL: how long the broker trusts LISTEN/NOTIFY before re-reading anyway (a lost
+# notification costs at most this much latency), and where listeners connect:
+# "" = the main database, "off" = poll only, or a direct postgres:// URL behind PgBouncer.
+EARMARK_BROKER_FALLBACK_SECONDS = env.float("EARMARK_BROKER_FALLBACK_SECONDS", default=2.0)
+EARMARK_LISTEN_URL = env.str("EARMARK_LISTEN_URL", default="")
 
 INSTALLED_APPS = [
     "django.contrib.admin",

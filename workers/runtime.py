@@ -57,6 +57,9 @@ class Worker:
     def setup(self, ctx: "Context") -> None:
         """Load what the worker needs once per process (models, caches)."""
 
+    def prepare(self, jobs: list[ClaimedJob], ctx: "Context") -> None:
+        """Work on a whole claimed batch at once before ``process`` sees each job (GPU batching)."""
+
     def process(self, job: ClaimedJob, ctx: "Context") -> dict | None:
         """Do the job; raise to fail it (``PermanentError``: no retry). Returns an optional result."""
         raise NotImplementedError
@@ -73,6 +76,9 @@ class Context:
     changed: threading.Event = field(default_factory=threading.Event)
 
     def update(self, **fields) -> None:
+        """Change the status; the heartbeat writes it soon, but only when something really changed."""
+        if all(self.status.get(k) == v for k, v in fields.items()):
+            return
         self.status = {**self.status, **fields}
         self.changed.set()
 
@@ -125,7 +131,7 @@ class Runner:
         self.worker = worker
         self.identity = registry.new_identity(worker.queue, number)
         self.exit_when_idle = exit_when_idle
-        self.batch_size = batch_size or worker.batch_size
+        self.batch_override = batch_size
         self.max_jobs = max_jobs
         self.ctx = Context()
         self.stopping = False
@@ -218,7 +224,8 @@ class Runner:
 
     def _claim(self) -> list[ClaimedJob]:
         try:
-            jobs = queue.claim(self.worker.queue, self.identity.key, self.identity.boot_id, self.batch_size)
+            batch = self.batch_override or self.worker.batch_size  # the worker may size it in setup()
+            jobs = queue.claim(self.worker.queue, self.identity.key, self.identity.boot_id, batch)
         except OperationalError as exc:  # e.g. the busy timeout ran out under heavy load: try again
             log.warning("%s: claim failed (%s); retrying", self.identity.key, exc)
             time.sleep(0.5)
@@ -230,6 +237,8 @@ class Runner:
         return queue.has_pending(self.worker.queue)
 
     def _run_batch(self, jobs: list[ClaimedJob]) -> None:
+        if len(jobs) > 1:
+            self.worker.prepare(jobs, self.ctx)
         for job in jobs:
             if self.stopping:
                 break

@@ -31,7 +31,8 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--min-tracks", type=int, default=None,
-                            help="Fewest tagged tracks to calibrate over (default: $EARMARK_CALIBRATION_MIN_TRACKS, 100).")
+                            help="Fewest tagged tracks to calibrate over "
+                                 "(default: $EARMARK_CALIBRATION_MIN_TRACKS, else 100).")
         parser.add_argument("--wait", action="store_true",
                             help="Wait until the recalibration jobs the new calibration queued have finished.")
         parser.add_argument("--timeout", type=float, default=None, help="Give up waiting after this many seconds.")
