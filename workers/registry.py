@@ -16,6 +16,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from . import dialect
+from . import processes
 from .models import Meta
 
 PREFIX = "worker:"
@@ -35,17 +36,6 @@ class Identity:
         return f"{PREFIX}{self.host}:{self.queue}:{self.number}"
 
 
-def process_start_time(pid: int) -> str:
-    """The kernel's start time of ``pid``: with the pid it names one process, even after pid reuse."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return ""
-    # Field 22; the command name (field 2) may hold spaces, so split after its ')'.
-    return stat.rsplit(b")", 1)[1].split()[19].decode()
-
-
 def new_identity(queue: str, number: str | int | None = None) -> Identity:
     """Identity for this process; the number defaults to supervisord's, else ``p<pid>``."""
     pid = os.getpid()
@@ -57,7 +47,7 @@ def new_identity(queue: str, number: str | int | None = None) -> Identity:
         number=str(number),
         pid=pid,
         boot_id=uuid.uuid4().hex[:16],
-        pid_start=process_start_time(pid),
+        pid_start=processes.start_time(pid),
     )
 
 
@@ -100,16 +90,7 @@ def _dead_on_this_host(value: dict) -> bool:
     if value.get("host") != settings.EARMARK_HOSTNAME:
         return False
     pid = value.get("pid")
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass
-    start = value.get("pid_start")
-    return bool(start) and process_start_time(pid) not in ("", start)
+    return bool(pid) and processes.is_gone(pid, value.get("pid_start", ""))
 
 
 def reap(heartbeat_timeout: float | None = None) -> int:

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import av
 import numpy as np
 
-from . import tagfile
+from . import processes, tagfile
 from .audio.formats import format_for_path
 
 TEMP_PREFIX = ".earmark-tmp-"
@@ -396,15 +396,6 @@ def _host_digest() -> str:
     return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 
 
-def _process_start(pid: int) -> str:
-    """The kernel's start time of ``pid`` (``/proc``): with the pid it names one process, even after pid reuse."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return "0"
-
-
 _writer: tuple[int, str] | None = None
 
 
@@ -413,7 +404,7 @@ def writer_tag() -> str:
     global _writer
     pid = os.getpid()
     if _writer is None or _writer[0] != pid:  # computed once per process (a fork gets its own)
-        _writer = (pid, f"{_host_digest()}-{pid}-{_process_start(pid)}")
+        _writer = (pid, f"{_host_digest()}-{pid}-{processes.start_time(pid) or '0'}")
     return _writer[1]
 
 
@@ -426,15 +417,7 @@ def _writer_is_dead(name: bytes) -> bool:
     if match is None or match.group(1).decode() != _host_digest():
         return False  # another host's writer (a shared NAS) or an old-style name: only age tells
     pid, start = int(match.group(2)), match.group(3).decode()
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        pass  # alive, another user's
-    return _process_start(pid) not in ("0", start)  # the pid now belongs to another process
+    return pid != os.getpid() and processes.is_gone(pid, "" if start == "0" else start)
 
 
 def remove_stale_temp_files(directory: str | bytes | os.PathLike, older_than: float = 3600.0) -> int:
