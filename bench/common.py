@@ -121,13 +121,14 @@ def manage(*args, env: dict, timeout: float = 600, check: bool = True) -> subpro
 class Procs:
     """A group of background ``manage.py`` processes, each logging to its own file."""
 
-    def __init__(self, args_list: list[list], env: dict, log_dir: Path, label: str):
+    def __init__(self, args_list: list[list], env: dict, log_dir: Path, label: str,
+                 program: tuple = (str(ROOT / "manage.py"),)):
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
         for i, args in enumerate(args_list):
             log = log_dir / f"{label}-{i}.log"
             with open(log, "wb") as out:
-                self.procs.append(subprocess.Popen([PYTHON, str(ROOT / "manage.py"), *map(str, args)], env=env,
+                self.procs.append(subprocess.Popen([PYTHON, *program, *map(str, args)], env=env,
                                                    cwd=ROOT, stdout=out, stderr=subprocess.STDOUT))
             self.logs.append(log)
 

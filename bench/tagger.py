@@ -7,9 +7,17 @@ front end, networks and tag write (summed from the jobs' own timings). In the
 same run, a bare decode loop over the same files gives the ceiling of a
 pipeline that does nothing but decode.
 
-GPU (``--gpu``): in-process sweep of files per batch (patches of several files
-in one forward pass, fed by spawned decode processes), with tracks/s, × realtime and GPU
-memory; then the same ``run_tagger`` processes on the GPU.
+Pipeline (always): the GPU host's path, one ``run_tagger --batch N`` process
+whose decode processes decode and write while the next batch is claimed
+(``workers.tag_worker``), against the ceiling of the same number of decode
+processes doing nothing but decode and cut patches. Without ``--gpu`` the
+tagger's networks are a stand-in that costs nothing (``bench.stand_in_tagger``):
+a GPU's forward passes take milliseconds, so this is what such a tagger can be
+fed on this machine's cores; with ``--gpu`` the real networks run on the GPU.
+
+GPU (``--gpu``): also an in-process sweep of files per batch (patches of several
+files in one forward pass, fed by spawned decode processes), with tracks/s,
+× realtime and GPU memory.
 """
 from __future__ import annotations
 
@@ -17,13 +25,13 @@ import argparse
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 from bench.common import ROOT, Procs, Workspace, connect, manage, median, scalar, stopwatch, wait_until
 
 CACHE = ROOT / "var" / "bench-cache"
 TARGET_CPU_X_REALTIME = 50.0
+TARGET_GPU_X_REALTIME = 2000.0
 
 
 def demo_library(tracks: int, min_s: float, max_s: float) -> Path:
@@ -64,12 +72,35 @@ def decode_ceiling(files: list[Path]) -> tuple[float, float]:
     return len(files) / elapsed(), audio / elapsed()
 
 
-def run_taggers(ws: Workspace, library: Path, models: Path, processes: int, device: str, batch: int | None) -> dict:
+def pool_ceiling(files: list[Path], workers: int) -> tuple[float, float]:
+    """(files/s, × realtime) of ``workers`` decode processes doing only their share of a tagger's work.
+
+    That is decoding and cutting patches (``pipeline.prepare_file``), in the
+    same spawned processes a batching tagger uses, warmed up first.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from workers.tagging.pipeline import _decode_worker_init, prepare_file
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_decode_worker_init) as pool:
+        list(pool.map(prepare_file, files[:workers]))
+        with stopwatch() as elapsed:
+            done = list(pool.map(prepare_file, files))
+        wall = elapsed()
+    audio = sum(p.samples for p in done) / 16000
+    return len(files) / wall, audio / wall
+
+
+def run_taggers(ws: Workspace, library: Path, models: Path, processes: int, device: str, batch: int | None,
+                decode_workers: int | None = None, stand_in: bool = False) -> dict:
     """Scan a fresh copy of the library, then time ``processes`` taggers draining its tag jobs."""
     db = ws.fresh_db()
     copy = ws.dir / f"lib-{db.stem}"
     shutil.copytree(library, copy)
-    env = ws.env(db, EARMARK_MODELS_DIR=models, EARMARK_IDLE_POLL_SECONDS="0.05", EARMARK_TORCH_THREADS="1")
+    env = ws.env(db, EARMARK_MODELS_DIR=models, EARMARK_IDLE_POLL_SECONDS="0.05", EARMARK_TORCH_THREADS="1",
+                 **({"EARMARK_DECODE_WORKERS": decode_workers} if decode_workers else {}))
     manage("library", "add", "bench", copy, env=env)
     manage("scan", "bench", env=env)
     manage("run_scanner", "--exit-when-idle", env=env)
@@ -77,7 +108,9 @@ def run_taggers(ws: Workspace, library: Path, models: Path, processes: int, devi
     args = ["run_tagger", "--exit-when-idle", "--device", device, *(["--batch", batch] if batch else [])]
     conn = connect(db)
     total = scalar(conn, "SELECT COUNT(*) FROM workers_job WHERE queue='tag'")
-    with Procs([args + ["--number", n] for n in range(processes)], env, ws.log_dir, f"tagger{processes}") as procs:
+    program = ("-m", "bench.stand_in_tagger") if stand_in else (str(ROOT / "manage.py"),)
+    with Procs([args + ["--number", n] for n in range(processes)], env, ws.log_dir, f"tagger{processes}",
+               program=program) as procs:
         wait_until(lambda: scalar(conn, "SELECT COUNT(*) FROM workers_meta WHERE key LIKE 'worker:%:tag:%' "
                                         "AND value LIKE '%\"state\": \"idle\"%'") == processes,
                    timeout=300, message="taggers ready", procs=procs)
@@ -93,7 +126,7 @@ def run_taggers(ws: Workspace, library: Path, models: Path, processes: int, devi
     conn.close()
     shutil.rmtree(copy)
     audio = sum(r["seconds"] for r in rows)
-    split = {k: sum(r["timings"].get(k, 0) for r in rows) for k in ("decode", "frontend", "networks", "write")}
+    split = {k: sum(r["timings"].get(k, 0) for r in rows) for k in ("decode", "frontend", "networks", "write", "record")}
     gpu_mb = max((r.get("gpu_memory") or 0 for r in rows), default=0) / 2**20
     return {"tracks": len(rows), "failed": failed, "wall": wall, "audio": audio, "split": split, "gpu_mb": gpu_mb}
 
@@ -131,18 +164,18 @@ def gpu_sweep(files: list[Path], models: Path, batches: list[int], workers: int,
 
 def print_cpu(results: dict[int, list[dict]], ceiling: tuple[float, float]) -> None:
     print(f"\n{'run':34} {'tracks/s':>9} {'x realtime':>11} {'decode':>8} {'front':>8} {'nets':>8} {'write':>8}"
-          f" {'GPU MB/proc':>12}")
+          f" {'record':>8} {'GPU MB/proc':>12}")
     for n, runs in results.items():
         tps = median([r["tracks"] / r["wall"] for r in runs])
         xrt = median([r["audio"] / r["wall"] for r in runs])
         split = {k: median([r["split"][k] / max(1, r["tracks"]) * 1000 for r in runs]) for k in runs[0]["split"]}
         gpu = max(r["gpu_mb"] for r in runs)
         print(f"{f'{n} tagger process(es)':34} {tps:9.2f} {xrt:11.1f} " +
-              " ".join(f"{split[k]:6.0f}ms" for k in ("decode", "frontend", "networks", "write")) +
+              " ".join(f"{split[k]:6.0f}ms" for k in ("decode", "frontend", "networks", "write", "record")) +
               (f" {gpu:12.0f}" if gpu else ""))
     print(f"{'decode-only loop (1 process)':34} {ceiling[0]:9.2f} {ceiling[1]:11.1f}")
     two = median([r["audio"] / r["wall"] for r in results.get(2, results[max(results)])])
-    print(f"\nper-track split is CPU time inside each job (ms per track); medians over repeats")
+    print("\nper-track split is CPU time inside each job (ms per track); medians over repeats")
     print(f"2 processes: {two:.1f}x realtime = {two / TARGET_CPU_X_REALTIME:.2f} x the 50x target; "
           f"decode-only ceiling per process {ceiling[1]:.0f}x ({two / ceiling[1]:.1%} of it)")
     if 1 in results and 2 in results:
@@ -150,37 +183,66 @@ def print_cpu(results: dict[int, list[dict]], ceiling: tuple[float, float]) -> N
         print(f"scaling 1 -> 2 processes: {two / one:.2f}x")
 
 
+def print_pipeline(runs: list[dict], pool: tuple[float, float], workers: int, batch: int, on_gpu: bool) -> None:
+    nets = "GPU networks" if on_gpu else "stand-in networks"
+    label = f"1 tagger, {batch}/batch, {workers} decode proc"
+    print(f"\npipeline ({nets}; {runs[0]['tracks'] if runs else 0} tracks per run)")
+    print(f"{'run':40} {'tracks/s':>9} {'x realtime':>11} {'write':>8} {'record':>8} {'GPU MB':>8}")
+    tps = median([r["tracks"] / r["wall"] for r in runs])
+    xrt = median([r["audio"] / r["wall"] for r in runs])
+    split = {k: median([r["split"][k] / max(1, r["tracks"]) * 1000 for r in runs]) for k in ("write", "record")}
+    gpu = max(r["gpu_mb"] for r in runs)
+    print(f"{label:40} {tps:9.2f} {xrt:11.1f} {split['write']:6.0f}ms {split['record']:6.0f}ms" +
+          (f" {gpu:8.0f}" if gpu else ""))
+    print(f"{f'{workers} decode procs, decode+patches only':40} {pool[0]:9.2f} {pool[1]:11.1f}")
+    print(f"\ntagger / decode-only ceiling of its decode processes: {xrt / pool[1]:.2f}x "
+          f"(the tagger's processes also write every file's tags)")
+    if on_gpu:
+        print(f"GPU: {xrt:.0f}x realtime = {xrt / TARGET_GPU_X_REALTIME:.2f} x the 2,000x target")
+
+
 def main(argv=None) -> None:
+    from workers.gpu import FILES_PER_BATCH, decode_workers
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tracks", type=int, default=24)
+    parser.add_argument("--tracks", type=int, default=24, help="library for the one-file-at-a-time CPU taggers")
+    parser.add_argument("--pipeline-tracks", type=int, default=192, help="library for the batching tagger")
     parser.add_argument("--min-seconds", type=float, default=20)
     parser.add_argument("--max-seconds", type=float, default=40)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--processes", default="1,2")
-    parser.add_argument("--gpu", action="store_true", help="GPU sweep and GPU tagger processes")
+    parser.add_argument("--processes", default="1,2", help="CPU tagger processes to run side by side")
+    parser.add_argument("--batch", type=int, default=FILES_PER_BATCH, help="files per batch of the pipeline")
+    parser.add_argument("--decode-workers", type=int, default=decode_workers())
+    parser.add_argument("--gpu", action="store_true", help="GPU sweep, and the pipeline with the real networks")
     parser.add_argument("--device", default=None, help="with --gpu: the device (default cuda; cpu to try the path)")
-    parser.add_argument("--batches", default="1,4,16,32,64")
-    parser.add_argument("--decode-workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--batches", default="8,32,96", help="with --gpu: files per batch in the sweep")
     args = parser.parse_args(argv)
 
     library = demo_library(args.tracks, args.min_seconds, args.max_seconds)
+    big = demo_library(args.pipeline_tracks, args.min_seconds, args.max_seconds)
     models = models_dir()
-    files = audio_files(library)
-    print(f"library: {len(files)} files in {library}")
+    files, big_files = audio_files(library), audio_files(big)
+    print(f"libraries: {len(files)} files in {library}; {len(big_files)} files in {big}")
+    device = (args.device or "cuda") if args.gpu else "cpu"
     if args.gpu:
-        device = args.device or "cuda"
-        rows = gpu_sweep(files, models, [int(b) for b in args.batches.split(",")], args.decode_workers, device)
+        rows = gpu_sweep(big_files, models, [int(b) for b in args.batches.split(",")], args.decode_workers, device)
         print(f"\n{'files/batch':>11} {'tracks/s':>9} {'x realtime':>11} {'GPU MB':>8}")
         for r in rows:
             print(f"{r['batch']:11} {r['tracks_s']:9.1f} {r['x_rt']:11.0f} {r['gpu_mb']:8.0f}")
     results: dict[int, list[dict]] = {}
+    pipeline: list[dict] = []
     with Workspace() as ws:
         ceiling = decode_ceiling(files)
+        pool = pool_ceiling(big_files, args.decode_workers)
         for _ in range(args.repeats):
-            for n in [int(p) for p in args.processes.split(",")]:
-                batch = max(r["batch"] for r in rows) if args.gpu else None
-                results.setdefault(n, []).append(run_taggers(ws, library, models, n, device if args.gpu else "cpu", batch))
-    print_cpu(results, ceiling)
+            if not args.gpu:
+                for n in [int(p) for p in args.processes.split(",")]:
+                    results.setdefault(n, []).append(run_taggers(ws, library, models, n, "cpu", None))
+            pipeline.append(run_taggers(ws, big, models, 1, device, args.batch, args.decode_workers,
+                                        stand_in=not args.gpu))
+    if results:
+        print_cpu(results, ceiling)
+    print_pipeline(pipeline, pool, args.decode_workers, args.batch, args.gpu)
 
 
 if __name__ == "__main__":

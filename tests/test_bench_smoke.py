@@ -63,3 +63,17 @@ def test_scan_benchmark_prints_every_row():
     for k in (1, 2, 4):
         assert re.search(rf"first scan {k} proc vs mutagen {k} proc\s+\d+\.\d\dx", out), out
     assert rows(out, "rescan best"), out
+
+
+def test_tagger_benchmark_prints_every_row(installed_models_dir, monkeypatch):
+    monkeypatch.setenv("EARMARK_MODELS_DIR", str(installed_models_dir))
+    out = run_bench("bench.tagger", "--tracks", "2", "--pipeline-tracks", "7", "--min-seconds", "3",
+                    "--max-seconds", "4", "--repeats", "1", "--processes", "1,2", "--batch", "3",
+                    "--decode-workers", "1", timeout=400)
+    for label in ("1 tagger process(es)", "2 tagger process(es)", "decode-only loop (1 process)",
+                  "1 tagger, 3/batch, 1 decode proc", "1 decode procs, decode+patches only"):
+        [line] = rows(out, label)
+        assert re.search(r"\s\d+\.\d\d\s+\d+\.\d\b", line), (label, out)
+    assert "pipeline (stand-in networks; 7 tracks per run)" in out, out
+    assert re.search(r"2 processes: [\d.]+x realtime = \d+\.\d\d x the 50x target", out), out
+    assert re.search(r"tagger / decode-only ceiling of its decode processes: \d+\.\d\dx", out), out

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from django.db.models import Count
 
-from workers import gpu, paths, queue
+from workers import gpu, queue
 from workers.audio.decode import decode
 from workers.models import Job, Library, Score, Track
 from workers.runtime import Context, PermanentError
@@ -266,6 +267,11 @@ def test_gpu_mapping_from_process_number():
     env = {"EARMARK_GPUS": "3", "EARMARK_WORKER_NUMBER": "4", "CUDA_VISIBLE_DEVICES": "7"}
     assert gpu.pin_from_environment(env) == "7", "an operator's explicit choice wins"
     assert gpu.pin_from_environment({"EARMARK_WORKER_NUMBER": "2"}) is None
+    # Decode processes per batching tagger: the host's cores shared by its taggers, less the taggers.
+    cores = os.cpu_count()
+    assert gpu.decode_workers({}) == max(1, cores - 1)
+    assert gpu.decode_workers({"EARMARK_TAGGERS": str(cores)}) == 1
+    assert gpu.decode_workers({"EARMARK_TAGGERS": "2", "EARMARK_DECODE_WORKERS": "5"}) == 5
 
 
 @pytest.mark.slow
@@ -291,6 +297,83 @@ def test_run_tagger_process_tags_a_library_and_reports_its_device(worker_env, mo
         out = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, out
     assert "CUDA_VISIBLE_DEVICES" not in out or "cpu" in out
+
+
+def _batching_library(root: Path, count: int) -> Library:
+    """``count`` good 4 s files in every format, scanned and queued for tagging."""
+    from workers import scanner
+
+    fmts = ["mp3", "flac", "ogg", "opus", "m4a", "wav", "aiff"]
+    for i in range(count):
+        fmt = fmts[i % len(fmts)]
+        make_file(root / "A", fmt, seconds=4, name=f"{i:02d}.{'m4a' if fmt == 'm4a' else fmt}", seed=i,
+                  tags=USER_TAGS)
+    library = Library.objects.get_or_create(name="lib", root=str(root))[0]
+    scanner.request_scan(library)
+    assert drain_scans() == []
+    return library
+
+
+@pytest.mark.slow
+def test_a_batching_tagger_pipelines_its_batches_and_outlives_a_decoder_crash(worker_env, models, tmp_path):
+    """The GPU host's path as a real process (``--batch 3``; on a GPU only the device differs).
+
+    Files are decoded and their tags written in a spawned decode process, the
+    next batch is claimed before this one is processed, and a file that kills
+    its decode process (``os.abort`` in the decoder, as a crash in FFmpeg
+    would) fails alone with its reason while the tagger lives on.
+    """
+    root = tmp_path / "lib"
+    poison = make_file(root / "A", "flac", seconds=4, name="POISON.flac")
+    truncated = make_truncated(root / "A", "wav", fraction=0.4, seconds=8.0)
+    _batching_library(root, 7)
+    before = {p: read_user_tags(p) for p in (root / "A").iterdir() if p != poison and p != truncated}
+    env = dict(worker_env, EARMARK_MODELS_DIR=str(models), EARMARK_DECODE_WORKERS="1",
+               EARMARK_TEST_ABORT_MARKER="POISON")
+    proc = spawn("run_tagger", "--device", "cpu", "--batch", "3", env=env)
+    try:
+        wait_for(lambda: not Job.objects.filter(queue="tag", state__in=Job.ACTIVE_STATES).exists(), timeout=240,
+                 interval=0.2, message="every tag job finished")
+        assert proc.poll() is None, "a decoder crash took the tagger down"
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+    jobs = {Path(j.track.path).name: j for j in Job.objects.filter(queue="tag").select_related("track")}
+    assert jobs["POISON.flac"].state == "failed" and "decoder crashed" in jobs["POISON.flac"].last_error
+    assert {j.attempts for j in jobs.values()} == {1}, out
+    assert Track.objects.get(path__endswith="POISON.flac").state == "failed"
+    assert jobs[truncated.name].state == "failed" and "truncated" in jobs[truncated.name].last_error
+    done = [j for j in jobs.values() if j.state == "done"]
+    assert len(done) == 7 == Track.objects.filter(state="tagged").count() == Score.objects.count()
+    for job in done:
+        assert job.result["written"] and job.result["timings"]["write"] > 0, job.result  # timed where it ran
+    for path, user in before.items():
+        assert read_user_tags(path) == user and read_earmark_tags(path)["version"]
+    assert not list(root.rglob(".earmark-tmp-*"))
+    # Lookahead: the second batch was claimed before the first one's jobs were completed.
+    first_finished = min(j.finished_at for j in done)
+    assert sum(j.started_at < first_finished for j in jobs.values()) >= 6
+
+
+@pytest.mark.slow
+def test_a_stopping_batching_tagger_hands_back_the_batch_it_claimed_ahead(worker_env, models, tmp_path):
+    _batching_library(tmp_path / "lib", 14)
+    env = dict(worker_env, EARMARK_MODELS_DIR=str(models), EARMARK_DECODE_WORKERS="1")
+    proc = spawn("run_tagger", "--device", "cpu", "--batch", "3", env=env)
+    try:
+        wait_for(lambda: Job.objects.filter(queue="tag", state="done").exists(), timeout=120, interval=0.05,
+                 message="a first batch tagged")
+        assert Job.objects.filter(queue="tag", state="running").count() >= 3, "the next batch is held"
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+    states = dict(Job.objects.filter(queue="tag").values_list("state").annotate(n=Count("id")))
+    assert "running" not in states and states.get("queued", 0) >= 6, states
+    assert not Job.objects.filter(queue="tag", state="queued", attempts__gt=0).exists(), "a release is no attempt"
+    assert set(Track.objects.filter(jobs__state="queued").values_list("state", flat=True)) == {"scanned"}
+    assert not list((tmp_path / "lib").rglob(".earmark-tmp-*"))
 
 
 def test_tag_file_command_prints_and_writes_inside_libraries_only(worker_env, models, tmp_path):

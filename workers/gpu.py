@@ -37,3 +37,17 @@ def pin_from_environment(environ=os.environ) -> str | None:
     device = str(gpu_for_process(int(number), gpus))
     environ["CUDA_VISIBLE_DEVICES"] = device
     return device
+
+
+#: Files per batch on a GPU: their patches share forward passes (``--batch``).
+FILES_PER_BATCH = 32
+
+
+def decode_workers(environ=os.environ) -> int:
+    """Decode processes per batching tagger: this host's cores shared among its taggers, less their own.
+
+    ``EARMARK_DECODE_WORKERS`` overrides; ``EARMARK_TAGGERS`` (set by
+    ``deploy/env.sh``) is how many taggers share the host.
+    """
+    taggers = max(1, int(environ.get("EARMARK_TAGGERS") or 1))
+    return int(environ.get("EARMARK_DECODE_WORKERS") or max(1, (os.cpu_count() or 2) // taggers - 1))

@@ -4,8 +4,7 @@ Each ``calibrate`` job names a track (and, in its payload, the calibration
 it was queued for). The worker builds the track's tags from the stored
 ``Score`` under the current calibration and writes them exactly as
 ``workers.tagging.apply.write_track_tags`` does for the tagger (the same
-``build_tags``, the same safe writer, the same re-scan of a file that
-changed), so a recalibrated file is byte for byte what a fresh tagging
+``write_file_tags``, the same re-scan of a file that changed), so a recalibrated file is byte for byte what a fresh tagging
 would have written, and a file whose tags come out the same is not
 touched. torch is never imported here: many of these processes run beside
 the taggers at almost no memory cost.
@@ -29,16 +28,14 @@ import time
 
 from django.db import transaction
 from django.db.models import Subquery
-from django.utils import timezone
 
 from workers import calibration, paths, queue, scanner
-from workers.models import Job, Library, Track
+from workers.models import Job, Track
 from workers.queue import ClaimedJob
 from workers.runtime import Context, PermanentError, Worker
-from workers.safewrite import FileChangedError, TagWriteError, safe_write_tags
-from workers.tagging import scores
+from workers.safewrite import FileChangedError, TagWriteError
+from workers.tagging import apply, scores
 from workers.tagging.apply import FileChanged
-from workers.tagging.tagset import build_tags
 
 #: Jobs claimed per statement: enough that the claim, the completion and
 #: the read-ahead query cost little per file (a query's fixed cost is about
@@ -102,25 +99,13 @@ class RecalibrateWorker(Worker):
 
     def _write(self, track: Track, means: dict, spreads: dict, model_version: str, target) -> bool:
         """``write_track_tags`` with the row update queued for the batch's one transaction; True if written."""
-        library = track.library
-        mode = "full" if library.write_mode == Library.WriteMode.FULL else "minimal"
-        tagset = build_tags(means, spreads, target, mode, models=model_version)
-        changed, size, mtime_ns = False, track.size, track.mtime_ns
-        if library.write_mode != Library.WriteMode.NONE:
-            try:
-                result = safe_write_tags(paths.to_bytes(track.path), tagset, track.size, track.mtime_ns)
-            except FileChangedError as exc:
-                self.records.flush()
-                scanner.rescan_track(track)
-                raise FileChanged(f"the file changed since its scan ({exc.reason}); it was re-scanned") from None
-            except TagWriteError as exc:
-                Track.objects.filter(id=track.id).update(error=f"tag write failed: {exc.reason}")
-                raise
-            changed, size, mtime_ns = result.changed, result.size, result.mtime_ns
-        self.records.add(track.id, state=Track.State.TAGGED, error="", model_version=model_version,
-                         calibration_version=target.version, earmark_tags=tagset.as_dict()["categories"],
-                         size=size, mtime_ns=mtime_ns, tagged_at=timezone.now(), updated_at=timezone.now())
-        return changed
+        try:
+            written = apply.write_file_tags(track, means, spreads, model_version, target)
+        except (FileChangedError, TagWriteError) as exc:
+            self.records.flush()  # a re-scan must see this batch's rows as written
+            apply.raise_write_error(track, exc)
+        self.records.add(track.id, **written.row())
+        return written.changed
 
     def _track(self, job: ClaimedJob) -> Track | None:
         """The job's track: from the batch read ahead, else (first job of a batch) read the batch now.

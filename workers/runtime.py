@@ -53,12 +53,16 @@ class Worker:
 
     queue: str = ""
     batch_size: int = 1
+    #: Claim and ``prepare`` the next batch before processing this one, so that
+    #: work ``prepare`` starts in the background (a GPU tagger's decoding) runs
+    #: while this batch's jobs finish.
+    lookahead: bool = False
 
     def setup(self, ctx: "Context") -> None:
         """Load what the worker needs once per process (models, caches)."""
 
     def prepare(self, jobs: list[ClaimedJob], ctx: "Context") -> None:
-        """Work on a whole claimed batch at once before ``process`` sees each job (GPU batching)."""
+        """Work on a whole claimed batch (of more than one job) before ``process`` sees each job."""
 
     def process(self, job: ClaimedJob, ctx: "Context") -> dict | None:
         """Do the job; raise to fail it (``PermanentError``: no retry). Returns an optional result."""
@@ -136,6 +140,7 @@ class Runner:
         self.ctx = Context()
         self.stopping = False
         self.held: list[int] = []
+        self.ahead: list[ClaimedJob] = []  # the next batch, claimed and prepared (``Worker.lookahead``)
         self.finished: list[int] = []
         self.results: dict[int, dict] = {}
         self.last_flush = time.monotonic()
@@ -207,7 +212,7 @@ class Runner:
         while not self.stopping:
             if self.max_jobs is not None and self.processed >= self.max_jobs:
                 return
-            jobs = self._claim()
+            jobs, self.ahead = self.ahead or self._claim(True), []
             if jobs:
                 self._run_batch(jobs)
                 continue
@@ -222,7 +227,7 @@ class Runner:
             dialect.wait_for_change(connection, settings.EARMARK_IDLE_POLL_SECONDS, lambda: self.stopping,
                                     channels=[dialect.queue_channel(self.worker.queue)])
 
-    def _claim(self) -> list[ClaimedJob]:
+    def _claim(self, prepare: bool = False) -> list[ClaimedJob]:
         try:
             batch = self.batch_override or self.worker.batch_size  # the worker may size it in setup()
             jobs = queue.claim(self.worker.queue, self.identity.key, self.identity.boot_id, batch)
@@ -230,23 +235,26 @@ class Runner:
             log.warning("%s: claim failed (%s); retrying", self.identity.key, exc)
             time.sleep(0.5)
             return []
-        self.held = [j.id for j in jobs]
+        self.held += [j.id for j in jobs]
+        if prepare and len(jobs) > 1:
+            self.worker.prepare(jobs, self.ctx)
         return jobs
 
     def _pending(self) -> bool:
         return queue.has_pending(self.worker.queue)
 
     def _run_batch(self, jobs: list[ClaimedJob]) -> None:
-        if len(jobs) > 1:
-            self.worker.prepare(jobs, self.ctx)
+        if self.worker.lookahead and not self.stopping:
+            self.ahead = self._claim(True)
         for job in jobs:
             if self.stopping:
                 break
             self._run_one(job)
         self._flush(force=True)
-        if self.held:
-            queue.release(self.held, self.identity.key)
-            self.held = []
+        unfinished = [j.id for j in jobs if j.id in self.held]
+        if unfinished:
+            queue.release(unfinished, self.identity.key)
+            self.held = [i for i in self.held if i not in unfinished]
 
     def _run_one(self, job: ClaimedJob) -> None:
         self.ctx.update(state="busy", job=job.id, job_key=job.key, progress=0.0, detail=None,

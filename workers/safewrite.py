@@ -94,6 +94,9 @@ class FileChangedError(SafeWriteError):
         self.path = path
         self.reason = reason
 
+    def __reduce__(self):  # picklable: a GPU tagger's decode processes write tags and raise these
+        return type(self), (self.path, self.reason)
+
 
 class TagWriteError(SafeWriteError):
     """The tags could not be written safely; the original is untouched.
@@ -108,6 +111,13 @@ class TagWriteError(SafeWriteError):
         self.reason = reason
         self.stage = stage
         self.errno = errno_
+
+    def __reduce__(self):
+        return _tag_write_error, (self.reason, self.stage, self.errno)
+
+
+def _tag_write_error(reason: str, stage: str, errno_: int | None) -> TagWriteError:
+    return TagWriteError(reason, stage=stage, errno_=errno_)
 
 
 @dataclass(frozen=True)

@@ -1,30 +1,46 @@
 """The tagger's ``Worker``: score a track with the networks, store the scores, write the tags.
 
 torch is imported in ``setup`` only, so importing this module (as the
-command registry does) costs nothing in other processes. On a GPU a claimed
-batch of files is decoded in threads and scored in shared forward passes
-(``prepare``); on the CPU one file at a time with one patch per pass measured
-fastest.
+command registry does) costs nothing in other processes.
+
+On the CPU one file at a time, with one patch per forward pass, measured
+fastest: each process is its own pipeline, and two of them fill two cores.
+
+A GPU outruns any single decoder many times over, so there a tagger works on
+batches of files (``--batch``, any batch above one) as a pipeline: the
+runner claims the next batch while this one finishes (``Worker.lookahead``);
+``prepare`` checks a batch's tracks and hands the files to the decode
+processes at once; the first ``process`` of a batch waits for its patches,
+scores all of them in shared forward passes and hands each file's tag write
+back to the decode processes; each ``process`` then waits for its file's
+write and records scores and tags in one transaction. So the decode
+processes never wait for the GPU or for the database, and the tagger's own
+thread does only what must be serial: the networks and the database.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 
 from django.conf import settings
+from django.db import transaction
 
-from workers import calibration, paths, scanner
+from workers import calibration, gpu, paths, scanner
 from workers.audio.decode import DecodeError
 from workers.models import Track
 from workers.queue import ClaimedJob
 from workers.runtime import Context, PermanentError, Worker
-from workers.tagging import scores
-from workers.tagging.apply import write_track_tags
+from workers.safewrite import FileChangedError, TagWriteError, safe_write_tags
+from workers.tagging import apply, scores
 
 log = logging.getLogger("earmark.tagger")
 
-GPU_FILES_PER_BATCH = 16
+#: A batched file's patches wait whole in memory for the networks (about 1.4 MB
+#: per minute of audio); longer files take the streaming path one at a time.
+BATCH_MAX_SECONDS = 20 * 60
 
 
 class TagWorker(Worker):
@@ -34,7 +50,7 @@ class TagWorker(Worker):
         self.requested_device, self.requested_batch = device, batch
         self.threads = threads or int(os.environ.get("EARMARK_TORCH_THREADS", "1"))
         self.analyzer = None
-        self.prepared: dict[int, object] = {}
+        self.batches: dict[int, _Batch] = {}  # by job id: the batch in flight each job belongs to
 
     def setup(self, ctx: Context) -> None:
         import torch
@@ -43,16 +59,18 @@ class TagWorker(Worker):
 
         torch.set_num_threads(self.threads)
         on_gpu = resolve_device(self.requested_device) != "cpu"
-        self.analyzer = Analyzer(self.requested_device, decode_workers=decode_workers() if on_gpu else 0)
-        self.batch_size = self.requested_batch or (GPU_FILES_PER_BATCH if on_gpu else 1)
+        self.batch_size = self.requested_batch or (gpu.FILES_PER_BATCH if on_gpu else 1)
+        self.lookahead = self.batch_size > 1
+        self.analyzer = Analyzer(self.requested_device, decode_workers=gpu.decode_workers() if self.lookahead else 0)
+        self.analyzer.start_workers()
         ctx.update(device=self._describe_device(), gpu_memory=self._gpu_memory(),
                    model_version=self.analyzer.model_version)
-        log.info("tagger ready on %s (models %s, %d files per batch)", self.analyzer.device,
-                 self.analyzer.model_version, self.batch_size)
+        log.info("tagger ready on %s (models %s, %d files per batch, %d decode processes)", self.analyzer.device,
+                 self.analyzer.model_version, self.batch_size, self.analyzer.decode_workers)
 
     def teardown(self) -> None:
         if self.analyzer is not None:
-            self.analyzer.close()
+            self.analyzer.close()  # lets tag writes in flight finish: each is atomic either way
 
     def _describe_device(self) -> str:
         import torch
@@ -73,32 +91,37 @@ class TagWorker(Worker):
     # -- jobs ------------------------------------------------------------------------
 
     def prepare(self, jobs: list[ClaimedJob], ctx: Context) -> None:
-        """Decode the batch in threads and score all its patches together (the GPU default)."""
-        checked = {}
-        for job in jobs:
-            try:
-                checked[job.id] = self._checked_track(job)
-            except Exception:  # noqa: BLE001 - process() meets the same error again and reports it
-                continue
-        ids = list(checked)
-        ctx.update(detail=f"scoring {len(ids)} files together")
-        results = self.analyzer.analyze_many([paths.to_bytes(checked[i].path) for i in ids])
-        self.prepared = dict(zip(ids, results))
-        ctx.update(gpu_memory=self._gpu_memory())
+        """Check a batch's tracks and start decoding its files in the decode processes; returns at once."""
+        checked = self._checked_tracks(jobs)
+        readable = [i for i, t in checked.items() if isinstance(t, Track) and t.state != Track.State.MISSING
+                    and (t.duration or 0) <= BATCH_MAX_SECONDS]
+        pending = self.analyzer.submit([paths.to_bytes(checked[i].path) for i in readable])
+        batch = _Batch(checked, dict(zip(readable, range(len(readable)))), pending)
+        self.batches.update((job.id, batch) for job in jobs)
 
     def process(self, job: ClaimedJob, ctx: Context) -> dict:
-        track = self._checked_track(job)
+        batch = self.batches.pop(job.id, None)
+        track = batch.track(job.id) if batch else self._checked_track(job)
         ctx.update(file=track.path)
         if track.state == Track.State.MISSING:
             return {"missing": True}
-        analysis = self._analysis(job, track)
-        ctx.progress(0.8, "writing tags")
-        scores.save(track, self.analyzer.model_version, analysis.labels, analysis.means, analysis.spreads,
-                    analysis.patches)
-        means, spreads = analysis.mappings()
+        if batch and job.id in batch.decoded:
+            ctx.progress(0.1, "waiting for the batch's decoding")
+            analysis = self._analysis(track, lambda: self._scored(batch, ctx)[job.id])
+            ctx.progress(0.8, "writing tags")
+            written = self._written(track, lambda: _offloaded_write(*batch.writes[job.id]))
+        else:
+            analysis = self._analysis(track, lambda: self.analyzer.analyze(paths.to_bytes(track.path)))
+            ctx.progress(0.8, "writing tags")
+            means, spreads = analysis.mappings()
+            written = self._written(track, lambda: apply.write_file_tags(track, means, spreads,
+                                                                         self.analyzer.model_version, _calibration()))
         started = time.perf_counter()
-        written = write_track_tags(track, means, spreads, self.analyzer.model_version, _calibration())
-        timings = {**analysis.timings, "write": time.perf_counter() - started}
+        with transaction.atomic():
+            scores.save(track, self.analyzer.model_version, analysis.labels, analysis.means, analysis.spreads,
+                        analysis.patches)
+            apply.record(track, written)
+        timings = {**analysis.timings, "write": written.seconds, "record": time.perf_counter() - started}
         calibration.maybe_recalibrate()  # cheap: looks at the database at most every 30 s per process
         result = {"patches": analysis.patches, "seconds": analysis.seconds, "written": written.changed,
                   "tags": written.tagset.categories, "timings": {k: round(v, 4) for k, v in timings.items()}}
@@ -106,9 +129,38 @@ class TagWorker(Worker):
             result["gpu_memory"] = self._gpu_memory()
         return result
 
+    def _scored(self, batch: "_Batch", ctx: Context) -> dict:
+        """The batch's analyses by job id; the first call scores the batch and starts its tag writes."""
+        if batch.analyses is None:
+            started = time.perf_counter()
+            results = batch.pending.results()
+            ctx.update(gpu_memory=self._gpu_memory())
+            batch.analyses = {job_id: results[i] for job_id, i in batch.decoded.items()}
+            cal, version = _calibration(), self.analyzer.model_version
+            for job_id, analysis in batch.analyses.items():
+                if not isinstance(analysis, BaseException):
+                    write = apply.plan(batch.checked[job_id], *analysis.mappings(), version, cal)
+                    args = write.args
+                    batch.writes[job_id] = (write, self.analyzer.offload(safe_write_tags, *args) if args else None)
+            log.debug("batch of %d files decoded and scored in %.2f s", len(results), time.perf_counter() - started)
+        return batch.analyses
+
+    def _checked_tracks(self, jobs: list[ClaimedJob]) -> dict[int, Track | Exception]:
+        """``_check`` for a whole batch, reading its tracks in one query; a job's exception in its place."""
+        tracks = Track.objects.select_related("library").defer("tags").in_bulk([j.track_id for j in jobs])
+        checked = {}
+        for job in jobs:
+            try:
+                checked[job.id] = self._check(tracks.get(job.track_id))
+            except Exception as exc:  # noqa: BLE001 - process() raises it for the runner to record
+                checked[job.id] = exc
+        return checked
+
     def _checked_track(self, job: ClaimedJob) -> Track:
-        """The job's track, its file inside the library and unchanged since its scan (else re-scanned)."""
-        track = Track.objects.select_related("library").filter(id=job.track_id).first()
+        return self._check(Track.objects.select_related("library").defer("tags").filter(id=job.track_id).first())
+
+    def _check(self, track: Track | None) -> Track:
+        """The track, its file inside the library and unchanged since its scan (else re-scanned)."""
         if track is None:
             raise PermanentError("the track no longer exists")
         path = paths.to_bytes(track.path)
@@ -126,11 +178,13 @@ class TagWorker(Worker):
                 raise PermanentError("the file changed since it was scanned and can no longer be read")
         return track
 
-    def _analysis(self, job: ClaimedJob, track: Track):
+    @staticmethod
+    def _analysis(track: Track, compute):
+        """``compute()``'s analysis of the track's file; a file that cannot be tagged fails with its reason."""
         from workers.tagging.pipeline import TooShortError
 
         try:
-            result = self.prepared.pop(job.id, None) or self.analyzer.analyze(paths.to_bytes(track.path))
+            result = compute()
             if isinstance(result, BaseException):
                 raise result
             return result
@@ -146,10 +200,40 @@ class TagWorker(Worker):
             Track.objects.filter(id=track.id).update(state=Track.State.FAILED, error=str(exc))
             raise PermanentError(str(exc)) from None
 
+    @staticmethod
+    def _written(track: Track, write) -> apply.Written:
+        """``write()``'s outcome; a file changed behind our back is re-scanned (``apply.raise_write_error``)."""
+        try:
+            return write()
+        except (FileChangedError, TagWriteError) as exc:
+            apply.raise_write_error(track, exc)
 
-def decode_workers() -> int:
-    """Decode processes feeding one GPU tagger: a GPU outruns any single decoder many times over."""
-    return int(os.environ.get("EARMARK_DECODE_WORKERS") or min(8, max(1, (os.cpu_count() or 2) - 1)))
+
+@dataclass
+class _Batch:
+    """A claimed batch in flight: its checked tracks, then its decoding, its analyses and its tag writes."""
+
+    checked: dict  # job id -> Track, or the exception its check raised
+    decoded: dict  # job id -> index in ``pending``, for the files being decoded
+    pending: object  # pipeline.PendingBatch
+    analyses: dict | None = None  # job id -> Analysis or exception, once scored
+    writes: dict = field(default_factory=dict)  # job id -> (apply.TagWrite, future of its safe write or None)
+
+    def track(self, job_id: int) -> Track:
+        track = self.checked[job_id]
+        if isinstance(track, Exception):
+            raise track
+        return track
+
+
+def _offloaded_write(write: apply.TagWrite, future) -> apply.Written:
+    """A write run in a decode process; redone here if a crash in that pool (another file's) lost it."""
+    if future is None:
+        return write.finish(None)
+    try:
+        return write.finish(future.result())
+    except BrokenProcessPool:
+        return write.finish(safe_write_tags(*write.args))
 
 
 def _calibration():

@@ -57,6 +57,9 @@ class DecodeError(Exception):
         self.kind = kind
         self.reason = reason
 
+    def __reduce__(self):  # picklable: a GPU tagger's decode processes return these
+        return type(self), (self.kind, self.reason)
+
 
 @dataclass(frozen=True)
 class AudioInfo:

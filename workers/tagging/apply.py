@@ -1,9 +1,14 @@
 """From stored scores to tags in the file: shared by the tagger and the recalibrator (no torch).
 
-``write_track_tags`` builds the tag set for a track from its scores and the
-current calibration, writes it through the safe writer (unless the library's
-write mode is ``none``), and records on the track what was written. A file
-that changed since its scan is re-scanned, never overwritten.
+Two halves, because the file and the database are best written at different
+moments: ``write_file_tags`` builds the tag set from a track's scores and the
+calibration (``plan``) and writes it through the safe writer (unless the
+library's write mode is ``none``), touching no database, so a GPU tagger can
+run the writes in its decode processes (``TagWrite.args``); ``record`` then
+puts on the track row what was written, and
+``raise_write_error`` turns a failed write into what the caller reports (a file
+that changed since its scan is re-scanned, never overwritten).
+``write_track_tags`` is the two in a row, for one file at a time.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from django.utils import timezone
 
 from workers import paths, scanner
 from workers.models import Library, Track
-from workers.safewrite import FileChangedError, TagWriteError, safe_write_tags
+from workers.safewrite import FileChangedError, TagWriteError, WriteResult, safe_write_tags
 from workers.tagging.tagset import UNCALIBRATED, TagSet, build_tags
 
 
@@ -23,31 +28,87 @@ class FileChanged(Exception):
 
 @dataclass
 class Written:
+    """What one tag write did: the tags, whether the file changed, and its size and mtime now."""
+
     tagset: TagSet
     changed: bool
+    size: int
+    mtime_ns: int
+    model_version: str
+    calibration_version: str
+    seconds: float = 0.0  # spent in the safe writer
+
+    def row(self) -> dict:
+        """The track fields that say these tags are in the file."""
+        now = timezone.now()
+        return dict(state=Track.State.TAGGED, error="", model_version=self.model_version,
+                    calibration_version=self.calibration_version, earmark_tags=self.tagset.as_dict()["categories"],
+                    size=self.size, mtime_ns=self.mtime_ns, tagged_at=now, updated_at=now)
+
+
+@dataclass
+class TagWrite:
+    """One track's tags, built and ready to go into its file."""
+
+    track: Track
+    tagset: TagSet
+    model_version: str
+    calibration_version: str
+
+    @property
+    def args(self) -> tuple | None:
+        """``safe_write_tags`` arguments (plain data: any process can run it); None for write mode ``none``."""
+        if self.track.library.write_mode == Library.WriteMode.NONE:
+            return None
+        return paths.to_bytes(self.track.path), self.tagset, self.track.size, self.track.mtime_ns
+
+    def finish(self, result: WriteResult | None) -> Written:
+        """The ``Written`` for ``safe_write_tags(*args)``'s result (None: nothing was to be written)."""
+        if result is None:
+            return Written(self.tagset, False, self.track.size, self.track.mtime_ns, self.model_version,
+                           self.calibration_version)
+        return Written(self.tagset, result.changed, result.size, result.mtime_ns, self.model_version,
+                       self.calibration_version, sum(result.timings.values()))
+
+
+def plan(track: Track, means: dict, spreads: dict, model_version: str, calibration=None) -> TagWrite:
+    """Build the track's tags from its scores under ``calibration`` and its library's write mode."""
+    calibration = calibration or UNCALIBRATED
+    mode = "full" if track.library.write_mode == Library.WriteMode.FULL else "minimal"
+    tagset = build_tags(means, spreads, calibration, mode, models=model_version)
+    return TagWrite(track, tagset, model_version, calibration.version)
+
+
+def write_file_tags(track: Track, means: dict, spreads: dict, model_version: str, calibration=None) -> Written:
+    """``plan`` and write the track's tags into its file; no database work.
+
+    Raises ``FileChangedError`` or ``TagWriteError`` from the safe writer.
+    """
+    write = plan(track, means, spreads, model_version, calibration)
+    args = write.args
+    return write.finish(safe_write_tags(*args) if args else None)
+
+
+def record(track: Track, written: Written) -> None:
+    Track.objects.filter(id=track.id).update(**written.row())
+
+
+def raise_write_error(track: Track, exc: Exception):
+    """Report a failed ``write_file_tags``: re-scan a changed file (``FileChanged``), note a failed write."""
+    if isinstance(exc, FileChangedError):
+        scanner.rescan_track(track)
+        raise FileChanged(f"the file changed while it was being tagged ({exc.reason}); "
+                          "it was re-scanned and will be tagged again") from None
+    if isinstance(exc, TagWriteError):
+        Track.objects.filter(id=track.id).update(error=f"tag write failed: {exc.reason}")
+    raise exc
 
 
 def write_track_tags(track: Track, means: dict, spreads: dict, model_version: str, calibration=None) -> Written:
-    """Build and write one track's tags; updates the track row. Raises ``FileChanged``/``TagWriteError``."""
-    calibration = calibration or UNCALIBRATED
-    library: Library = track.library
-    mode = "full" if library.write_mode == Library.WriteMode.FULL else "minimal"
-    tagset = build_tags(means, spreads, calibration, mode, models=model_version)
-    changed, size, mtime_ns = False, track.size, track.mtime_ns
-    if library.write_mode != Library.WriteMode.NONE:
-        try:
-            result = safe_write_tags(paths.to_bytes(track.path), tagset, track.size, track.mtime_ns)
-        except FileChangedError as exc:
-            scanner.rescan_track(track)
-            raise FileChanged(f"the file changed while it was being tagged ({exc.reason}); "
-                              "it was re-scanned and will be tagged again") from None
-        except TagWriteError as exc:
-            Track.objects.filter(id=track.id).update(error=f"tag write failed: {exc.reason}")
-            raise
-        changed, size, mtime_ns = result.changed, result.size, result.mtime_ns
-    Track.objects.filter(id=track.id).update(
-        state=Track.State.TAGGED, error="", model_version=model_version, calibration_version=calibration.version,
-        earmark_tags=tagset.as_dict()["categories"], size=size, mtime_ns=mtime_ns, tagged_at=timezone.now(),
-        updated_at=timezone.now(),
-    )
-    return Written(tagset, changed)
+    """Build and write one track's tags and record them on its row. Raises ``FileChanged``/``TagWriteError``."""
+    try:
+        written = write_file_tags(track, means, spreads, model_version, calibration)
+    except (FileChangedError, TagWriteError) as exc:
+        raise_write_error(track, exc)
+    record(track, written)
+    return written

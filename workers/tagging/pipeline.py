@@ -15,15 +15,18 @@ shorter than ``MIN_SECONDS`` is refused as too short to tell anything.
 """
 from __future__ import annotations
 
-import time
 import multiprocessing
+import os
+import signal
+import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from workers.audio.decode import TARGET_SR, iter_decode
+from workers.audio.decode import TARGET_SR, DecodeError, iter_decode
 from workers.tagging import frontend, labels, musicnn
 from workers.tagging.manifest import DEFAULT_MODELS
 
@@ -109,14 +112,35 @@ class Analyzer:
         return Analysis(self.labels, means, spreads, acc.n, round(seconds, 3), timings)
 
     def analyze_many(self, paths) -> list:
-        """Score several files with their patches batched together (for a GPU).
+        """Score several files with their patches batched together: ``submit(paths).results()``."""
+        return self.submit(paths).results()
 
-        Files are decoded and cut into patches in parallel (``decode_workers``
-        spawned processes, or threads when 0) while the networks run on full
-        batches. Returns, per path, an ``Analysis`` or the exception that file
-        raised.
+    def submit(self, paths) -> "PendingBatch":
+        """Start decoding files and cutting their patches; returns at once.
+
+        The work runs in ``decode_workers`` spawned processes (threads when 0),
+        so a GPU tagger can write one batch's tags while the next is decoded.
         """
-        prepared = list(self._pool().map(prepare_file, paths))
+        paths = list(paths)
+        return PendingBatch(self, paths, [self._submit(prepare_file, p) for p in paths])
+
+    def start_workers(self) -> None:
+        """Start the decode processes now (spawning one imports torch: seconds), not on the first file."""
+        for future in [self._submit(os.getpid) for _ in range(self.decode_workers)]:
+            future.result()
+
+    def offload(self, fn, *args):
+        """Run ``fn(*args)`` in the decode workers (a GPU tagger's tag writes run there too); a future."""
+        return self._submit(fn, *args)
+
+    def _submit(self, fn, *args):
+        try:
+            return self._pool().submit(fn, *args)
+        except BrokenProcessPool:  # broke since ``_pool`` looked: the next look replaces it
+            return self._pool().submit(fn, *args)
+
+    def score_prepared(self, prepared: list) -> list:
+        """Run the networks on the patches of several decoded files in shared forward passes."""
         ready = [p for p in prepared if isinstance(p, Prepared)]
         if ready:
             t = time.perf_counter()
@@ -130,7 +154,14 @@ class Analyzer:
         return [self._result(p) for p in prepared]
 
     def _pool(self):
-        """Decode workers, made once. Processes are spawned, never forked: CUDA breaks in a forked child."""
+        """Decode workers, made once (and again after a crash broke them).
+
+        Processes are spawned, never forked: CUDA breaks in a forked child.
+        A decode process that dies (a decoder crash) breaks the whole pool,
+        which then refuses work (``_broken``); it is replaced here.
+        """
+        if self.pool is not None and getattr(self.pool, "_broken", False):
+            self.close()
         if self.pool is None:
             if self.decode_workers > 0:
                 self.pool = ProcessPoolExecutor(self.decode_workers, mp_context=multiprocessing.get_context("spawn"),
@@ -138,6 +169,13 @@ class Analyzer:
             else:
                 self.pool = ThreadPoolExecutor(4)
         return self.pool
+
+    def _decode_alone(self, path):
+        """Decode one file by itself after a decode process died: a crash now is this file's own."""
+        try:
+            return self._submit(prepare_file, path).result()
+        except BrokenProcessPool:
+            return DecodeError("corrupt", "the decoder crashed on this file (it killed its decode process)")
 
     def _result(self, prepared):
         if not isinstance(prepared, Prepared):
@@ -154,8 +192,15 @@ class Analyzer:
 
 
 def _decode_worker_init() -> None:
-    """Decode processes run one torch thread each; the cores are shared between them."""
+    """Decode processes run one torch thread each, and leave signals to their tagger.
+
+    The tagger decides when they stop (``close``); a Ctrl-C or a process
+    group's SIGTERM reaching them directly would only break the pool under a
+    tagger that is finishing its batch.
+    """
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def prepare_file(path):
@@ -205,6 +250,29 @@ class _Accumulator:
         mean = self.total / max(1, self.n)
         var = np.maximum(self.squares / max(1, self.n) - mean**2, 0.0)
         return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+
+class PendingBatch:
+    """Files being decoded for one batch; ``results()`` waits for them and scores them together."""
+
+    def __init__(self, analyzer: Analyzer, paths: list, futures: list):
+        self.analyzer, self.paths, self.futures = analyzer, paths, futures
+
+    def results(self) -> list:
+        """Per path, an ``Analysis`` or the exception that file raised.
+
+        A file that kills its decode process (a decoder crash on a poison
+        file) breaks the whole pool, and every file in flight with it; those
+        files are decoded again one at a time in a fresh pool, so the culprit
+        fails alone and the tagger itself lives on.
+        """
+        prepared = []
+        for path, future in zip(self.paths, self.futures):
+            try:
+                prepared.append(future.result())
+            except BrokenProcessPool:
+                prepared.append(self.analyzer._decode_alone(path))
+        return self.analyzer.score_prepared(prepared)
 
 
 @dataclass
