@@ -41,8 +41,8 @@ EXPECTED = {
     "too-short.wav": r"^too short to tag: 0.40 s of audio",
     "broken-link.mp3": r"^broken symlink",
     f"{NEVER_READ}-link.flac": r"^symlink leads outside the library root; not followed$",
-    "loop-a.mp3": r"^broken symlink",
-    "loop-b.mp3": r"^broken symlink",
+    "loop-a.mp3": r"^symlink loop: the link leads back to itself; not followed$",
+    "loop-b.mp3": r"^symlink loop: the link leads back to itself; not followed$",
     # A container that declares its length and decodes far short of it is "truncated"; an MP4 cut
     # before its index cannot even be opened, and says so.
     **{f"truncated-{fmt}.{ext}": r"^truncated: (decoded 1.6 s of 4.0 s|the Ogg stream breaks off)"

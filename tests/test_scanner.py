@@ -63,7 +63,7 @@ def test_rescan_is_incremental(library, monkeypatch):
     make_file(root, "flac", seconds=1, name="b.flac")
     scan(library)
     Job.objects.filter(queue="tag").update(state="done")
-    Track.objects.update(state="tagged")  # as the tagger leaves them
+    Track.objects.update(state="tagged", model_version=scanner.current_model_version() or "")  # as tagged
     read = []
     real_read = scanner.fileinfo.read
     monkeypatch.setattr(scanner.fileinfo, "read", lambda p: read.append(p) or real_read(p))
@@ -76,6 +76,9 @@ def test_rescan_is_incremental(library, monkeypatch):
     assert Job.objects.filter(queue="tag", state="queued", track__path=str(a)).count() == 1
     scan(library, full=True)
     assert len(read) == 3, "--full re-reads everything"
+    b = Track.objects.get(path__endswith="b.flac")
+    assert b.state == "tagged", "an unchanged tagged file keeps its tags: --full does not re-run the networks"
+    assert not Job.objects.filter(queue="tag", state="queued", track=b).exists()
 
 
 def test_tag_jobs_are_deduplicated(library):

@@ -17,6 +17,7 @@ nowhere, becomes a failed track and is never read.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -443,7 +444,7 @@ def _remove_dead_clones(folder: bytes) -> None:
 
 
 def _classify(entry: os.DirEntry, root: bytes) -> str | None:
-    """``"dir"``, ``"file"``, ``"link-outside"``, ``"link-broken"``, or None to ignore.
+    """``"dir"``, ``"file"``, ``"link-outside"``, ``"link-broken"``, ``"link-loop"``, or None to ignore.
 
     Directory symlinks are never followed (loops, double scans); file symlinks
     count only when they resolve inside the library root.
@@ -466,8 +467,10 @@ def _classify_link(path: bytes, root: bytes) -> str | None:
     target = os.path.realpath(path)
     if not paths.is_within(target, root):
         return "link-outside"
-    if not os.path.exists(target):
-        return "link-broken"
+    try:
+        os.path.realpath(path, strict=True)
+    except OSError as exc:
+        return "link-loop" if exc.errno == errno.ELOOP else "link-broken"
     return "file" if os.path.isfile(target) else None
 
 
@@ -512,9 +515,10 @@ def _scan_file(library, path: bytes, text: str, kind, track, folder_text, gen, f
     if kind == "link-outside":
         return _record_failure(library, track, text, folder_text, gen, None,
                                "symlink leads outside the library root; not followed", result, writes)
-    if kind == "link-broken":
-        return _record_failure(library, track, text, folder_text, gen, None,
-                               "broken symlink: its target does not exist", result, writes)
+    if kind in ("link-broken", "link-loop"):
+        reason = ("broken symlink: its target does not exist" if kind == "link-broken" else
+                  "symlink loop: the link leads back to itself; not followed")
+        return _record_failure(library, track, text, folder_text, gen, None, reason, result, writes)
     try:
         st = os.stat(path)
     except OSError:
@@ -543,6 +547,8 @@ def _scan_file(library, path: bytes, text: str, kind, track, folder_text, gen, f
     if not unchanged:
         result.changed += 1
         fields.update(model_version="", calibration_version="")
+    elif track.state == Track.State.TAGGED:
+        fields["state"] = Track.State.TAGGED  # a full scan re-reads the file; its tags are still good
     for k, v in fields.items():
         setattr(track, k, v)
     writes.update.append((track.id, {**fields, "updated_at": now}))  # what ``track.save()`` would write
