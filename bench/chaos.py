@@ -161,15 +161,21 @@ class Chaos:
         return name
 
     def churn(self) -> str:
-        """One more piece of work, in turn: rescans (incremental and full), re-tags, new calibrations."""
+        """One more piece of work, in turn: rescans (incremental and full), re-tags, new calibrations.
+
+        Re-tags come twice a round: rescans of unchanged files (full ones
+        too) give the taggers nothing to do, and they must die with work in
+        hand as well.
+        """
         from workers import scanner
 
-        step = ("rescan", "calibration", "retag", "calibration", "full rescan", "calibration")[self._churn_step % 6]
+        steps = ("rescan", "calibration", "retag", "calibration", "full rescan", "retag", "calibration")
+        step = steps[self._churn_step % len(steps)]
         self._churn_step += 1
         if step in ("rescan", "full rescan"):
             scanner.request_scan(self.library, full=step == "full rescan")
         elif step == "retag":
-            retag_some(self.library, self.rng)
+            retag_some(self.library, self.rng, share=0.5)
         else:
             new_calibration(self._churn_step, self.rng)
         self.stats.churn[step] += 1
