@@ -183,8 +183,9 @@ def print_cpu(results: dict[int, list[dict]], ceiling: tuple[float, float]) -> N
         print(f"scaling 1 -> 2 processes: {two / one:.2f}x")
 
 
-def print_pipeline(runs: list[dict], pool: tuple[float, float], workers: int, batch: int, on_gpu: bool) -> None:
-    nets = "GPU networks" if on_gpu else "stand-in networks"
+def print_pipeline(runs: list[dict], pool: tuple[float, float], workers: int, batch: int, device: str | None) -> None:
+    """The batching tagger against its decode processes' ceiling; ``device`` None: stand-in networks."""
+    nets = f"networks on {device}" if device else "stand-in networks"
     label = f"1 tagger, {batch}/batch, {workers} decode proc"
     print(f"\npipeline ({nets}; {runs[0]['tracks'] if runs else 0} tracks per run)")
     print(f"{'run':40} {'tracks/s':>9} {'x realtime':>11} {'write':>8} {'record':>8} {'GPU MB':>8}")
@@ -197,8 +198,8 @@ def print_pipeline(runs: list[dict], pool: tuple[float, float], workers: int, ba
     print(f"{f'{workers} decode procs, decode+patches only':40} {pool[0]:9.2f} {pool[1]:11.1f}")
     print(f"\ntagger / decode-only ceiling of its decode processes: {xrt / pool[1]:.2f}x "
           f"(the tagger's processes also write every file's tags)")
-    if on_gpu:
-        print(f"GPU: {xrt:.0f}x realtime = {xrt / TARGET_GPU_X_REALTIME:.2f} x the 2,000x target")
+    if device:
+        print(f"{device}: {xrt:.0f}x realtime = {xrt / TARGET_GPU_X_REALTIME:.2f} x the 2,000x target")
 
 
 def main(argv=None) -> None:
@@ -242,7 +243,7 @@ def main(argv=None) -> None:
                                         stand_in=not args.gpu))
     if results:
         print_cpu(results, ceiling)
-    print_pipeline(pipeline, pool, args.decode_workers, args.batch, args.gpu)
+    print_pipeline(pipeline, pool, args.decode_workers, args.batch, device if args.gpu else None)
 
 
 if __name__ == "__main__":
