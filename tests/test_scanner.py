@@ -226,3 +226,30 @@ def test_unreadable_folder_keeps_its_tracks(library):
         scanner.os.scandir = real_scandir
     assert states(library) == {"l.mp3": "scanned"}
     assert "cannot list" in scanner.progress(library)["errors"][0]
+
+
+def test_a_scan_whose_folder_job_failed_for_good_is_failed_by_maintenance(library):
+    from workers import maintenance
+
+    root = root_of(library)
+    make_file(root / "A", "mp3", seconds=1, name="a.mp3")
+    make_file(root / "B", "flac", seconds=1, name="b.flac")
+    assert scan(library) == []
+    make_file(root / "A", "ogg", seconds=1, name="new.ogg")
+    scanner.request_scan(library)
+    drain(limit=1)  # the library job: the scan is running, its root folder job queued
+    assert maintenance.run_once().scans_failed == 0, "a scan with work left is left alone"
+    assert scanner.progress(library)["state"] == "running"
+    # The folder job killed its scanner three times and was quarantined (as the rescuer does it).
+    Job.objects.filter(queue="scan", state="queued").update(state="failed",
+                                                             last_error="worker died 3 times on this job")
+    assert maintenance.run_once().scans_failed == 1
+    progress = scanner.progress(library)
+    assert progress["state"] == "failed" and "worker died 3 times on this job" in progress["error"]
+    library.refresh_from_db()
+    assert "nothing was marked missing" in library.last_scan_error
+    assert set(states(library).values()) == {"scanned"} and "new.ogg" not in states(library)
+    assert maintenance.run_once().scans_failed == 0, "failed once"
+    scan(library)
+    assert scanner.progress(library)["state"] == "done", "the next scan runs as usual"
+    assert "new.ogg" in states(library)

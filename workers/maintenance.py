@@ -1,4 +1,4 @@
-"""Periodic upkeep that any worker may run: reap dead workers, rescue their jobs, prune.
+"""Periodic upkeep that any worker may run: reap dead workers, rescue their jobs, prune, fail stalled scans.
 
 Only one process runs it per interval: a conditional UPDATE on one meta row is
 the lock (whoever moves its timestamp forward wins), so many workers do not
@@ -26,6 +26,7 @@ class MaintenanceResult:
     requeued: int = 0
     quarantined: int = 0
     pruned: int = 0
+    scans_failed: int = 0
 
 
 def interval() -> float:
@@ -48,7 +49,10 @@ def run_once() -> MaintenanceResult:
     rescued = queue.rescue(timeout)
     result.requeued, result.quarantined = rescued.requeued, rescued.failed
     result.pruned = queue.prune()
-    if result.reaped or result.requeued or result.quarantined:
+    from .scanner import fail_stalled_scans  # here: the scanner imports the runtime, which imports this
+
+    result.scans_failed = fail_stalled_scans()
+    if result.reaped or result.requeued or result.quarantined or result.scans_failed:
         log.info("maintenance: %s", result)
     return result
 

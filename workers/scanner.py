@@ -573,6 +573,35 @@ def _needs_tagging(track: Track, model_version: str | None) -> bool:
     return track.state == Track.State.TAGGED and model_version is not None and track.model_version != model_version
 
 
+def fail_stalled_scans() -> int:
+    """Fail the scans that can no longer finish; returns how many.
+
+    A scan is done when its last folder job has run and its finalize job
+    after it. A folder or finalize job that failed for good (quarantined after
+    killing its scanner again and again, or cancelled) never reports, so its
+    scan would say "running" until the next scan request. Once a running
+    scan has no scan job left to run, it is failed here with the last job
+    error, and nothing is marked missing. Run by maintenance.
+    """
+    stalled = 0
+    for row in Meta.objects.filter(key__startswith="scan:"):
+        state, library_id = row.value.get("state"), row.key.split(":", 1)[1]
+        if state not in ("running", "finalizing") or not library_id.isdigit():
+            continue
+        jobs = Job.objects.filter(queue="scan", library_id=int(library_id))
+        if jobs.filter(state__in=Job.ACTIVE_STATES).exists():
+            continue
+        last = jobs.filter(state__in=(Job.State.FAILED, Job.State.CANCELLED)).order_by("-finished_at", "-id").first()
+        why = f"{last.last_error or last.state}" if last else "its jobs are gone"
+        error = (f"the scan stopped before the end: a scan job could not be done ({why}); "
+                 "nothing was marked missing. Scan again once the cause is fixed.")
+        if _set_progress(int(library_id), row.value.get("gen"), state="failed", error=error):
+            Library.objects.filter(id=int(library_id)).update(last_scan_error=error)
+            log.warning("library %s: %s", library_id, error)
+            stalled += 1
+    return stalled
+
+
 # --- the worker --------------------------------------------------------------
 
 
