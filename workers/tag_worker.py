@@ -96,7 +96,7 @@ class TagWorker(Worker):
         readable = [i for i, t in checked.items() if isinstance(t, Track) and t.state != Track.State.MISSING
                     and (t.duration or 0) <= BATCH_MAX_SECONDS]
         pending = self.analyzer.submit([paths.to_bytes(checked[i].path) for i in readable])
-        batch = _Batch(checked, dict(zip(readable, range(len(readable)))), pending)
+        batch = _Batch(checked, {job_id: i for i, job_id in enumerate(readable)}, pending)
         self.batches.update((job.id, batch) for job in jobs)
 
     def process(self, job: ClaimedJob, ctx: Context) -> dict:
@@ -135,13 +135,18 @@ class TagWorker(Worker):
             started = time.perf_counter()
             results = batch.pending.results()
             ctx.update(gpu_memory=self._gpu_memory())
-            batch.analyses = {job_id: results[i] for job_id, i in batch.decoded.items()}
+            analyses = {job_id: results[i] for job_id, i in batch.decoded.items()}
             cal, version = _calibration(), self.analyzer.model_version
-            for job_id, analysis in batch.analyses.items():
-                if not isinstance(analysis, BaseException):
+            for job_id, analysis in analyses.items():
+                if isinstance(analysis, BaseException):
+                    continue
+                try:
                     write = apply.plan(batch.checked[job_id], *analysis.mappings(), version, cal)
                     args = write.args
                     batch.writes[job_id] = (write, self.analyzer.offload(safe_write_tags, *args) if args else None)
+                except Exception as exc:  # noqa: BLE001 - that file's job fails with it, the others go on
+                    analyses[job_id] = exc
+            batch.analyses = analyses
             log.debug("batch of %d files decoded and scored in %.2f s", len(results), time.perf_counter() - started)
         return batch.analyses
 
