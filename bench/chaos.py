@@ -175,7 +175,7 @@ class Chaos:
         if step in ("rescan", "full rescan"):
             scanner.request_scan(self.library, full=step == "full rescan")
         elif step == "retag":
-            retag_some(self.library, self.rng, share=0.5)
+            retag_some(self.library, self.rng, share=1.0)
         else:
             new_calibration(self._churn_step, self.rng)
         self.stats.churn[step] += 1
