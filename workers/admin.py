@@ -52,6 +52,16 @@ class LibraryForm(forms.ModelForm):
         return libraries.validate_root(self.cleaned_data["root"])
 
 
+class ComputedRows:
+    """Admin for rows the workers compute: shown, never added or edited by hand."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(Library)
 class LibraryAdmin(admin.ModelAdmin):
     form = LibraryForm
@@ -280,19 +290,13 @@ class JobAdmin(admin.ModelAdmin):
 
 
 @admin.register(Meta)
-class MetaAdmin(admin.ModelAdmin):
+class MetaAdmin(ComputedRows, admin.ModelAdmin):
     """Read-only: these rows are the workers' IPC; editing one by hand would lie to them."""
 
     list_display = ["key", "updated_at", "preview"]
     search_fields = ["key"]
     fields = ["key", "updated_at", "value_json"]
     readonly_fields = fields
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
 
     def has_delete_permission(self, request, obj=None):
         return False

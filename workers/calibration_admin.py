@@ -19,6 +19,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from . import calibration, plots
+from .admin import ComputedRows
 from .models import Calibration
 from .tagging.categories import LABELS
 
@@ -44,7 +45,7 @@ def _category(label: str) -> str:
 
 
 @admin.register(Calibration)
-class CalibrationAdmin(admin.ModelAdmin):
+class CalibrationAdmin(ComputedRows, admin.ModelAdmin):
     list_display = ["version", "is_current", "track_count", "model_version", "source", "created_at"]
     list_filter = ["source"]
     search_fields = ["version", "model_version"]
@@ -53,13 +54,7 @@ class CalibrationAdmin(admin.ModelAdmin):
               "label_table", "histograms"]
     readonly_fields = fields
 
-    # -- permissions: calibrations are computed or imported, never edited ----------------
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
+    # -- permissions: calibrations are computed or imported, never edited (ComputedRows) ---
 
     def has_delete_permission(self, request, obj=None):
         """The current calibration cannot be deleted: files name it and processes use it."""
