@@ -4,10 +4,11 @@ Each ``calibrate`` job names a track (and, in its payload, the calibration
 it was queued for). The worker builds the track's tags from the stored
 ``Score`` under the current calibration and writes them exactly as
 ``workers.tagging.apply.write_track_tags`` does for the tagger (the same
-``write_file_tags``, the same re-scan of a file that changed), so a recalibrated file is byte for byte what a fresh tagging
-would have written, and a file whose tags come out the same is not
-touched. torch is never imported here: many of these processes run beside
-the taggers at almost no memory cost.
+``write_file_tags``, the same re-scan of a file that changed), so a
+recalibrated file is byte for byte what a fresh tagging would have
+written, and a file whose tags come out the same is not touched. torch
+is never imported here: many of these processes run beside the taggers at
+almost no memory cost.
 
 What differs from ``write_track_tags`` is when the track rows are updated:
 once per batch, in one transaction, before the runtime completes the
@@ -101,7 +102,7 @@ class RecalibrateWorker(Worker):
         """``write_track_tags`` with the row update queued for the batch's one transaction; True if written."""
         try:
             written = apply.write_file_tags(track, means, spreads, model_version, target)
-        except (FileChangedError, TagWriteError) as exc:
+        except (FileChangedError, TagWriteError) as exc:  # as ``apply.reported``, after one more step:
             self.records.flush()  # a re-scan must see this batch's rows as written
             apply.raise_write_error(track, exc)
         self.records.add(track.id, **written.row())

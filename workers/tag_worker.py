@@ -33,7 +33,7 @@ from workers.audio.decode import DecodeError
 from workers.models import Track
 from workers.queue import ClaimedJob
 from workers.runtime import Context, PermanentError, Worker
-from workers.safewrite import FileChangedError, TagWriteError, safe_write_tags
+from workers.safewrite import safe_write_tags
 from workers.tagging import apply, scores
 
 log = logging.getLogger("earmark.tagger")
@@ -109,13 +109,13 @@ class TagWorker(Worker):
             ctx.progress(0.1, "waiting for the batch's decoding")
             analysis = self._analysis(track, lambda: self._scored(batch, ctx)[job.id])
             ctx.progress(0.8, "writing tags")
-            written = self._written(track, lambda: _offloaded_write(*batch.writes[job.id]))
+            written = apply.reported(track, lambda: _offloaded_write(*batch.writes[job.id]))
         else:
             analysis = self._analysis(track, lambda: self.analyzer.analyze(paths.to_bytes(track.path)))
             ctx.progress(0.8, "writing tags")
             means, spreads = analysis.mappings()
-            written = self._written(track, lambda: apply.write_file_tags(track, means, spreads,
-                                                                         self.analyzer.model_version, _calibration()))
+            written = apply.reported(track, lambda: apply.write_file_tags(track, means, spreads,
+                                                                          self.analyzer.model_version, _calibration()))
         started = time.perf_counter()
         with transaction.atomic():
             scores.save(track, self.analyzer.model_version, analysis.labels, analysis.means, analysis.spreads,
@@ -204,14 +204,6 @@ class TagWorker(Worker):
         except TooShortError as exc:
             Track.objects.filter(id=track.id).update(state=Track.State.FAILED, error=str(exc))
             raise PermanentError(str(exc)) from None
-
-    @staticmethod
-    def _written(track: Track, write) -> apply.Written:
-        """``write()``'s outcome; a file changed behind our back is re-scanned (``apply.raise_write_error``)."""
-        try:
-            return write()
-        except (FileChangedError, TagWriteError) as exc:
-            apply.raise_write_error(track, exc)
 
 
 @dataclass

@@ -104,11 +104,16 @@ def raise_write_error(track: Track, exc: Exception):
     raise exc
 
 
-def write_track_tags(track: Track, means: dict, spreads: dict, model_version: str, calibration=None) -> Written:
-    """Build and write one track's tags and record them on its row. Raises ``FileChanged``/``TagWriteError``."""
+def reported(track: Track, write) -> Written:
+    """``write()`` (a ``write_file_tags`` wherever it ran); a failure is reported by ``raise_write_error``."""
     try:
-        written = write_file_tags(track, means, spreads, model_version, calibration)
+        return write()
     except (FileChangedError, TagWriteError) as exc:
         raise_write_error(track, exc)
+
+
+def write_track_tags(track: Track, means: dict, spreads: dict, model_version: str, calibration=None) -> Written:
+    """Build and write one track's tags and record them on its row. Raises ``FileChanged``/``TagWriteError``."""
+    written = reported(track, lambda: write_file_tags(track, means, spreads, model_version, calibration))
     record(track, written)
     return written
