@@ -12,12 +12,12 @@ Two measurements, each on fresh SQLite databases (``bench.common.Workspace``):
    ``calibrate`` job per track. Target: under 10 s in all.
 
 2. **Recalibration.** Per format, ``--files`` short demo files
-   (``workers.demo``, ``--seconds`` long, with user tags) are scanned,
+   (``workers.audio.demo``, ``--seconds`` long, with user tags) are scanned,
    given synthetic scores and tagged with calibration A. Each round then
    alternates the current calibration (B, A, B, ...) so that every file's
    tags change, and measures, with 1 and 2 processes:
 
-   - **ceiling**: a bare loop of ``workers.safewrite.safe_write_tags`` over
+   - **ceiling**: a bare loop of ``workers.tagfiles.safewrite.safe_write_tags`` over
      a copy of the same files with the tag sets the recalibrator writes
      (built beforehand): the safe write alone, forked processes, from the
      first write to the last;
@@ -69,7 +69,7 @@ def child_synthesize(db: str, tracks: int) -> dict:
     from django.db import connection, transaction
     from django.utils import timezone
 
-    from workers import calibration
+    from workers.calibration import compute as calibration
     from workers.models import Library, Score, Track
     from workers.tagging import scores
 
@@ -102,7 +102,7 @@ def child_synthesize(db: str, tracks: int) -> dict:
 def child_compute(db: str, activate: bool) -> dict:
     """One calibration computation in a fresh process; optionally activate it (enqueue every track)."""
     _django(db)
-    from workers import calibration
+    from workers.calibration import compute as calibration
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -122,7 +122,9 @@ def child_prepare(db: str, root: str) -> dict:
 
     from django.utils import timezone
 
-    from workers import calibration, queue, scanner
+    from workers.calibration import compute as calibration
+    from workers.jobs import queue
+    from workers.library import scanner
     from workers.models import Library, Meta, Track
     from workers.tagging import scores
     from workers.tagging.apply import write_track_tags
@@ -163,7 +165,8 @@ def child_activate(db: str, version: str) -> dict:
     _django(db)
     from django.db.models import Max
 
-    from workers import calibration, queue
+    from workers.calibration import compute as calibration
+    from workers.jobs import queue
     from workers.models import Calibration, Job
 
     queue.pause("calibrate")
@@ -175,7 +178,8 @@ def child_activate(db: str, version: str) -> dict:
 def child_tagsets(db: str, root: str, copy_root: str, versions: list[str]) -> dict:
     """The exact tag fields the recalibrator writes, per calibration, keyed by the copy's path."""
     _django(db)
-    from workers import calibration, paths
+    from workers.calibration import compute as calibration
+    from workers.library import paths
     from workers.models import Calibration, Track
     from workers.tagging import scores
     from workers.tagging.tagset import build_tags
@@ -241,7 +245,7 @@ def bench_compute(ws: Workspace, tracks: int, rounds: int) -> list[list]:
 
 def _ceiling_worker(items, fields, barrier, results):
     """One forked ceiling process: wait for the others, then safe-write its share of files."""
-    from workers.safewrite import safe_write_tags
+    from workers.tagfiles.safewrite import safe_write_tags
 
     barrier.wait()
     start = time.time()
@@ -294,8 +298,8 @@ def recalibration_round(ws: Workspace, db: Path, version: str, procs: int, tag: 
 def bench_format(ws: Workspace, fmt: str, files: int, seconds: float, rounds: int, procs_list: list[int],
                  music_dir: Path) -> list[list]:
     """Ceiling and recalibrator files/s for one format, per process count (rows of the table)."""
-    from workers.demo import build_library
-    from workers.safewrite import safe_write_tags
+    from workers.audio.demo import build_library
+    from workers.tagfiles.safewrite import safe_write_tags
 
     root = music_dir / f"demo-{fmt}"
     build_library(root, files, seed=7, min_seconds=seconds, max_seconds=seconds, formats=(fmt,), jobs=os.cpu_count())

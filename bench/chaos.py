@@ -21,12 +21,12 @@ would: it removes the temporary files of writers that died) and checks:
 It prints kills survived, jobs retried and files checked, and exits 1 if any
 check failed. The killer is "polite" in one way only: it never kills a worker
 holding a job on its last allowed attempt, because a job that dies
-``max_attempts`` times is quarantined by design (``tests/test_poison.py``
+``max_attempts`` times is quarantined by design (``tests/jobs/test_poison.py``
 tests that); every other job may die, and does, mid-decode, mid-write or
 mid-commit. Draining brings forward retries that wait on a backoff (a job
 whose worker died twice waits one), so the run ends when the work does.
 
-``tests/test_chaos.py`` runs the same driver and checks for about a minute;
+``tests/deploy/test_chaos.py`` runs the same driver and checks for about a minute;
 this command runs them for as long as asked on a larger library.
 """
 from __future__ import annotations
@@ -80,7 +80,7 @@ def decoded_audio(files) -> dict[Path, np.ndarray]:
 
 
 def temp_files(root: Path) -> list[Path]:
-    from workers.safewrite import TEMP_PREFIX
+    from workers.tagfiles.safewrite import TEMP_PREFIX
 
     return sorted(p for p in Path(root).rglob(f"{TEMP_PREFIX}*"))
 
@@ -167,7 +167,7 @@ class Chaos:
         too) give the taggers nothing to do, and they must die with work in
         hand as well.
         """
-        from workers import scanner
+        from workers.library import scanner
 
         steps = ("rescan", "calibration", "retag", "calibration", "full rescan", "retag", "calibration")
         step = steps[self._churn_step % len(steps)]
@@ -188,7 +188,7 @@ class Chaos:
         restarting over and over from the first second would leave the
         recalibrators nothing to rewrite.
         """
-        from workers import calibration
+        from workers.calibration import compute as calibration
         from workers.models import Track
 
         deadline = time.monotonic() + timeout
@@ -216,7 +216,8 @@ class Chaos:
 
 def retag_some(library, rng: random.Random, share: float = 0.3) -> int:
     """Queue tag jobs for some tagged tracks (tagging twice must give the same file)."""
-    from workers import queue, scanner
+    from workers.jobs import queue
+    from workers.library import scanner
     from workers.models import Track
 
     ids = list(Track.objects.filter(library=library, state="tagged").values_list("id", flat=True))
@@ -234,7 +235,7 @@ def new_calibration(n: int, rng: random.Random, first_at: int = 4) -> int:
     and activated as a new version, exactly as a person importing another
     library's calibration would. Returns the jobs queued.
     """
-    from workers import calibration
+    from workers.calibration import compute as calibration
 
     row = calibration.current_row()
     if row is None:
@@ -271,14 +272,14 @@ def settle(timeout: float, what: str = "the queues to drain") -> None:
         elif time.monotonic() - quiet_since > 1.5:  # nothing came back (a rescue, a rescan's tag job)
             return
         time.sleep(0.25)
-    from workers.queue import counts
+    from workers.jobs.queue import counts
 
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}: {counts()}")
 
 
 def final_scan(library, timeout: float) -> None:
     """One more incremental scan, as a scheduled rescan would run, and its follow-up work."""
-    from workers import scanner
+    from workers.library import scanner
 
     before = scanner.progress(library).get("gen", 0)
     scanner.request_scan(library)
@@ -306,11 +307,11 @@ def check(library, audio_before: dict[Path, np.ndarray]) -> Report:
     """Every invariant the chaos run must keep (module docstring); problems are listed, not raised."""
     from django.db.models import Count
 
-    from workers import paths
+    from workers.library import paths
     from workers.audio.decode import decode
     from workers.models import Job, Track
-    from workers.safewrite import TEMP_PREFIX
-    from workers.tagfile import read_earmark_tags
+    from workers.tagfiles.safewrite import TEMP_PREFIX
+    from workers.tagfiles.namespace import read_earmark_tags
     from workers.tagging.tagset import CATEGORIES
 
     report = Report()
@@ -378,8 +379,8 @@ def main(argv=None) -> int:
     models = models_dir()
     setup_django()
     from tests.supervisor_harness import Supervisor
-    from workers import scanner
-    from workers.libraries import add_library
+    from workers.library import scanner
+    from workers.library.libraries import add_library
     from workers.models import Meta
 
     with Workspace(prefix="earmark-chaos-", keep=args.keep) as ws:

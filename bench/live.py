@@ -3,7 +3,7 @@
 The real thing end to end: the ASGI app under uvicorn in its own process (its
 state broker inside), a staff session, and an SSE client reading
 ``/events/``. This driver process plays the worker: it writes a worker's meta
-row through ``workers.registry.write`` (the very call a worker's heartbeat
+row through ``workers.jobs.registry.write`` (the very call a worker's heartbeat
 thread makes), each time with a new ``detail``, and times how long until the
 delta carrying that value arrives. Between changes it waits a random 0-300 ms,
 so the writes land at every phase of the broker's 50 ms glance and its 250 ms
@@ -13,8 +13,8 @@ Then idle: two real ``run_scanner`` processes sit idle (heartbeating, so the
 database keeps changing) while the client counts the events it receives,
 keep-alives apart. Targets on SQLite: p95 <= 300 ms and 0 events while idle.
 
-The SSE client and the server wrapper here are also what ``tests/test_broker.py``
-and ``tests/test_browser.py`` use.
+The SSE client and the server wrapper here are also what ``tests/live/test_broker.py``
+and ``tests/live/test_browser.py`` use.
 """
 from __future__ import annotations
 
@@ -222,7 +222,7 @@ def setup_django(db: Path, data_dir: Path) -> None:
 
 def measure_latency(client: SSEClient, changes: int, max_gap: float) -> list[tuple[float, float]]:
     """Write ``changes`` worker-row updates; per change, (pause before it, seconds to its delta's arrival)."""
-    from workers import registry
+    from workers.jobs import registry
 
     identity = registry.new_identity("scan", number="bench")
     registry.write(identity, {"state": "busy", "detail": "start"})

@@ -8,7 +8,7 @@ reader's own statements), and reports the claim latency each worker saw:
 the time of ``queue.claim``, the one-statement claim, measured inside the
 worker processes (so it includes every wait on SQLite's write lock).
 
-The 16 processes, all through the real worker runtime (``workers.runtime.Runner``:
+The 16 processes, all through the real worker runtime (``workers.jobs.runtime.Runner``:
 claims, heartbeat thread, lease extension, maintenance turns, batched completes):
 
 * 5 scanners: the real ``ScanWorker`` over a library of 360 real audio files in 30 folders;
@@ -25,7 +25,7 @@ claims, heartbeat thread, lease extension, maintenance turns, batched completes)
 
 Each process writes what it measured to a JSON file when SIGTERM stops it;
 the parent prints a table and the worst and 99th-percentile claim latency.
-``tests/test_lock_pressure.py`` runs 45 s of the same (``--seconds 45``).
+``tests/jobs/test_lock_pressure.py`` runs 45 s of the same (``--seconds 45``).
 """
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def _on_term(signum, frame):
 
 
 def _timed_claims(latencies: list[float]) -> None:
-    """Wrap ``workers.queue.claim`` (the runtime calls it through the module) to time every claim."""
-    from workers import queue
+    """Wrap ``workers.jobs.queue.claim`` (the runtime calls it through the module) to time every claim."""
+    from workers.jobs import queue
 
     original = queue.claim
 
@@ -79,8 +79,8 @@ def _no_network_tagger():
 
     import numpy as np
 
-    from workers.calibration import LABEL_ORDER
-    from workers.tag_worker import TagWorker
+    from workers.calibration.compute import LABEL_ORDER
+    from workers.tagging.tag_worker import TagWorker
 
     @dataclass
     class Analysis:
@@ -123,18 +123,18 @@ def run_child(role: str, number: int, out: Path) -> None:
     signal.signal(signal.SIGTERM, _on_term)
     result: dict = {"role": role, "number": number, "pid": os.getpid(), "errors": []}
     if role in ("scanner", "tagger", "recalibrator"):
-        from workers.runtime import Runner
+        from workers.jobs.runtime import Runner
 
         latencies: list[float] = []
         _timed_claims(latencies)
         if role == "scanner":
-            from workers.scan_worker import ScanWorker
+            from workers.library.scan_worker import ScanWorker
 
             worker = ScanWorker()
         elif role == "tagger":
             worker = _no_network_tagger()
         else:
-            from workers.recalibrate_worker import RecalibrateWorker
+            from workers.calibration.recalibrate_worker import RecalibrateWorker
 
             worker = RecalibrateWorker()
         runner = Runner(worker, number=number)
@@ -161,7 +161,8 @@ def _guarded(stats: dict, name: str, fn):
 
 def _drive() -> dict:
     from bench.chaos import new_calibration, retag_some
-    from workers import calibration, scanner
+    from workers.calibration import compute as calibration
+    from workers.library import scanner
     from workers.models import Library, Track
 
     rng = random.Random(5)
@@ -200,7 +201,7 @@ def _drive() -> dict:
 def _read() -> dict:
     from django.db.models import Count
 
-    from workers import queue, registry
+    from workers.jobs import queue, registry
     from workers.models import Track
 
     stats = {"errors": [], "latencies": [], "ops": {}}

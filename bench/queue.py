@@ -61,7 +61,7 @@ def enqueue_earmark(db: Path, n: int) -> float:
     """``n`` jobs through ``queue.enqueue_many``, visible all at once (one transaction); returns when they were."""
     from django.db import transaction
 
-    from workers import queue
+    from workers.jobs import queue
 
     use_database(db)
     jobs = [queue.NewJob(key=f"bench:{i}") for i in range(n)]
@@ -169,7 +169,7 @@ def _ts(dt: datetime) -> str:
 
 def bare_run(ws: Workspace, n: int, batch: int) -> tuple[float, float]:
     """The ceiling: Earmark's claim and complete statements in a tight in-process loop."""
-    from workers.dialect import SQLITE_INIT
+    from workers.jobs.dialect import SQLITE_INIT
 
     db = ws.fresh_db()
     enqueue_earmark(db, n)

@@ -157,7 +157,7 @@ def scalar(conn, sql: str, params=()) -> object:
 
 def enqueue_earmark(name: str, n: int, key_prefix: str = "bench") -> None:
     """``n`` jobs through ``queue.enqueue_many``, in one transaction (one commit, one notification)."""
-    from workers import queue
+    from workers.jobs import queue
 
     use_database(name)
     created = queue.enqueue_many(QUEUE, [queue.NewJob(key=f"{key_prefix}:{i}") for i in range(n)])
@@ -203,7 +203,7 @@ def earmark_run(pg: PgDatabases, ws: Workspace, n: int, procs: int, batch: int) 
 
 def start_latencies(pg: PgDatabases, ws: Workspace, procs: int, samples: int) -> list[float]:
     """Seconds from just before each enqueue to the claim that starts the job, one job at a time."""
-    from workers import queue
+    from workers.jobs import queue
 
     name = pg.fresh("earmark", ws)
     conn = poller(pg, name)

@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 
 from bench.common import fmt_rate, fmt_ratio, print_table
-from workers import tagfile
+from workers.tagfiles import namespace as tagfile
 from workers.audio.encode import write_audio
 from workers.audio.formats import FORMATS
 from workers.audio.synth import synth_clip
-from workers.safewrite import safe_write_tags
+from workers.tagfiles.safewrite import safe_write_tags
 
 TAGS_A = {
     "genre": ["jazz", "blues"], "mood": ["mellow"], "instrument": ["piano"],

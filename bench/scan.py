@@ -135,7 +135,7 @@ def bare_scandir(root: Path, expected: int) -> float:
 
 
 def add_library(db: Path, root: Path) -> int:
-    from workers.libraries import add_library as add
+    from workers.library.libraries import add_library as add
 
     use_database(db)
     lib_id = add("bench", str(root)).id
@@ -145,7 +145,8 @@ def add_library(db: Path, root: Path) -> int:
 
 def earmark_scan(ws: Workspace, db: Path, lib_id: int, procs: int, expected: int, first: bool) -> tuple[float, float]:
     """Seconds (wall, workers' CPU) from the moment the scan request becomes claimable until the scan is done."""
-    from workers import queue, scanner
+    from workers.jobs import queue
+    from workers.library import scanner
     from workers.models import Library
 
     use_database(db)

@@ -9,7 +9,7 @@ pipeline that does nothing but decode.
 
 Pipeline (always): the GPU host's path, one ``run_tagger --batch N`` process
 whose decode processes decode and write while the next batch is claimed
-(``workers.tag_worker``), against the ceiling of the same number of decode
+(``workers.tagging.tag_worker``), against the ceiling of the same number of decode
 processes doing nothing but decode and cut patches. Without ``--gpu`` the
 tagger's networks are a stand-in that costs nothing (``bench.stand_in_tagger``):
 a GPU's forward passes take milliseconds, so this is what such a tagger can be
@@ -203,7 +203,7 @@ def print_pipeline(runs: list[dict], pool: tuple[float, float], workers: int, ba
 
 
 def main(argv=None) -> None:
-    from workers.gpu import FILES_PER_BATCH, decode_workers
+    from workers.jobs.gpu import FILES_PER_BATCH, decode_workers
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tracks", type=int, default=24, help="library for the one-file-at-a-time CPU taggers")

@@ -1,7 +1,7 @@
 """ASGI entry point: the web program runs this under uvicorn.
 
 Django's handler serves HTTP only, so the ASGI lifespan protocol is answered
-here: on shutdown the process's state broker (``workers.broker``) stops and
+here: on shutdown the process's state broker (``workers.live.broker``) stops and
 closes its database connection before the server exits, instead of dying with
 the interpreter in the middle of a read.
 """
@@ -16,7 +16,7 @@ django_application = get_asgi_application()
 async def _lifespan(receive, send) -> None:
     from asgiref.sync import sync_to_async
 
-    from workers.broker import stop_broker
+    from workers.live.broker import stop_broker
 
     while True:
         message = await receive()

@@ -44,7 +44,7 @@ EARMARK_STOP_GRACE_SECONDS = env.float("EARMARK_STOP_GRACE_SECONDS", default=20.
 # The live admin (django-eventstream): only staff read the channels; the state
 # broker glances at the database every POLL seconds (SQLite: PRAGMA
 # data_version) and re-reads it at most once per MIN_INTERVAL.
-EVENTSTREAM_CHANNELMANAGER_CLASS = "workers.channels.StaffChannelManager"
+EVENTSTREAM_CHANNELMANAGER_CLASS = "workers.live.channels.StaffChannelManager"
 EARMARK_BROKER_POLL_SECONDS = env.float("EARMARK_BROKER_POLL_SECONDS", default=0.05)
 EARMARK_BROKER_MIN_INTERVAL = env.float("EARMARK_BROKER_MIN_INTERVAL", default=0.25)
 # PostgreSQL: how long the broker trusts LISTEN/NOTIFY before re-reading anyway (a lost
@@ -97,7 +97,7 @@ TEMPLATES = [
 DATABASES = {
     "default": env.db_url("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'earmark.sqlite3'}"),
 }
-from workers.dialect import database_options  # noqa: E402  (one place for SQLite/PostgreSQL differences)
+from workers.jobs.dialect import database_options  # noqa: E402  (one place for SQLite/PostgreSQL differences)
 
 DATABASES["default"] = database_options(DATABASES["default"])
 

@@ -5,7 +5,7 @@ that worker processes started by the tests share it.
 
 ``EARMARK_TEST_DB=postgres`` runs the tests on PostgreSQL instead: on the
 server named by ``EARMARK_TEST_POSTGRES_URL`` (the main test run starts a
-throwaway one and passes it down, see ``tests/test_postgres.py``), or, when
+throwaway one and passes it down, see ``tests/jobs/test_postgres.py``), or, when
 that is unset, on a throwaway server started here and stopped at exit
 (``tests/pg.py``). The test database gets the process id in its name, so
 that runs sharing one server never drop each other's database.

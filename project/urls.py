@@ -2,7 +2,7 @@
 from django.contrib import admin
 from django.urls import path
 
-from workers import views
+from workers.live import views
 
 urlpatterns = [
     # Before admin.site.urls, whose catch-all would otherwise claim these paths.

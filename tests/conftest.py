@@ -3,7 +3,7 @@
 The database is a SQLite file, or PostgreSQL in the PostgreSQL pass
 (``EARMARK_TEST_DB=postgres``): the main run runs the modules in
 ``POSTGRES_MODULES`` a second time, in a child ``pytest`` on a throwaway
-PostgreSQL server (``tests/test_postgres.py``), since Django's database
+PostgreSQL server (``tests/jobs/test_postgres.py``), since Django's database
 is fixed once the settings are loaded. Tests marked ``postgres`` run only
 in that pass.
 """
@@ -27,7 +27,7 @@ pytest_plugins = [p for p in ("tests.conftest_models",) if (ROOT / "tests" / "co
 
 # The modules that run on both databases: the queue, the worker runtime, the scanner, the
 # broker, and the PostgreSQL-only tests.
-POSTGRES_MODULES = ("test_queue", "test_worker_processes", "test_scanner", "test_broker", "test_postgres")
+POSTGRES_MODULES = ("jobs/test_queue", "jobs/test_worker_processes", "library/test_scanner", "live/test_broker", "jobs/test_postgres")
 
 
 def on_postgres() -> bool:
@@ -72,7 +72,7 @@ def postgres_url():
 def _close_listeners_after_each_test():
     """No LISTEN connection of this process outlives its test (PostgreSQL drops a test database only when unused)."""
     yield
-    from workers import dialect
+    from workers.jobs import dialect
 
     dialect.close_listeners()
 
@@ -141,9 +141,10 @@ def drain_scans(limit: int | None = None) -> list:
 
     ``limit`` stops after that many jobs (to interrupt a scan midway).
     """
-    from workers import queue, scanner
+    from workers.jobs import queue
+    from workers.library import scanner
     from workers.models import Job
-    from workers.runtime import PermanentError
+    from workers.jobs.runtime import PermanentError
 
     worker, done = "worker:testhost:scan:inline", 0
     while limit is None or done < limit:

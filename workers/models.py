@@ -38,7 +38,7 @@ class Track(models.Model):
         MISSING = "missing"
 
     library = models.ForeignKey(Library, on_delete=models.CASCADE, related_name="tracks")
-    # Paths are stored escaped (workers.paths) so that names with undecodable
+    # Paths are stored escaped (workers.library.paths) so that names with undecodable
     # bytes survive the round trip through a UTF-8 database exactly.
     path = models.TextField(unique=True)
     folder = models.TextField(db_index=True)
@@ -176,7 +176,7 @@ class Calibration(models.Model):
     ``[min, max]`` (``counts``) for the admin's plots. ``version`` is a digest
     of the model version and the percentiles, so computing twice from the
     same scores gives the same version and rewrites no file.
-    ``workers.calibration`` computes, activates, exports and imports them.
+    ``workers.calibration.compute`` computes, activates, exports and imports them.
     """
 
     version = models.CharField(max_length=100, unique=True)

@@ -35,8 +35,8 @@ TRUNCATION_MIN_GAP = 1.0
 # whole song) unless more than this share of them fail.
 MAX_BAD_PACKET_RATIO = 0.1
 
-#: Test-only poison hook (tests/test_poison.py; also a tripwire on files
-#: that must never be read in tests/test_bad_input.py, test_security.py): when this
+#: Test-only poison hook (tests/jobs/test_poison.py; also a tripwire on files
+#: that must never be read in tests/library/test_bad_input.py, test_security.py): when this
 #: environment variable is set and non-empty, opening a file whose path
 #: contains its value calls ``os.abort()``, a real process death (SIGABRT, no
 #: exception, no cleanup), as a decoder crash inside FFmpeg would. It is never

@@ -16,7 +16,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from .formats import ID3, MP4, VORBIS, AudioFormat, get_format
+from workers.audio.formats import ID3, MP4, VORBIS, AudioFormat, get_format
 
 # FFmpeg layout names for the channel counts we produce.
 _LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1"}

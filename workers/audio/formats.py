@@ -89,7 +89,7 @@ def format_for_path(path: str | bytes | os.PathLike) -> str | None:
     """The format key for a file name by its extension, or None if not audio.
 
     Accepts bytes because the scanner walks with bytes paths (see
-    ``workers.paths``); the comparison is case-insensitive (``.MP3``).
+    ``workers.library.paths``); the comparison is case-insensitive (``.MP3``).
     Hidden AppleDouble files (``._name.mp3``) are not audio.
     """
     name = os.fsdecode(os.path.basename(os.fspath(path)))

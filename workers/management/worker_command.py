@@ -5,7 +5,7 @@ import sys
 
 from django.core.management.base import BaseCommand
 
-from workers.runtime import Runner, Worker
+from workers.jobs.runtime import Runner, Worker
 
 
 class WorkerCommand(BaseCommand):

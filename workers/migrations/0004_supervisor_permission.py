@@ -2,7 +2,7 @@
 
 A data migration rather than ``Meta.permissions`` on a model: the permission
 guards supervisord, not a table. It hangs on the ``Meta`` content type (the
-IPC rows, the closest thing to "the running system"). ``workers.views``
+IPC rows, the closest thing to "the running system"). ``workers.live.views``
 recreates it on demand after a test flush.
 """
 from django.db import migrations

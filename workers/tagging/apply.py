@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from django.utils import timezone
 
-from workers import paths, scanner
+from workers.library import paths, scanner
 from workers.models import Library, Track
-from workers.safewrite import FileChangedError, TagWriteError, WriteResult, safe_write_tags
+from workers.tagfiles.safewrite import FileChangedError, TagWriteError, WriteResult, safe_write_tags
 from workers.tagging.tagset import UNCALIBRATED, TagSet, build_tags
 
 

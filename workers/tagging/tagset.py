@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from .categories import CATEGORIES, LABELS, OPPOSING, get_label
+from workers.tagging.categories import CATEGORIES, LABELS, OPPOSING, get_label
 
 #: Bumped when the meaning of written tags changes (names, keys, rules).
 SCHEMA = "earmark/1"
@@ -126,7 +126,7 @@ class TagSet:
         """The tag keys and values to write, in the namespace's key spelling.
 
         Keys are lower-case ``[a-z0-9_]`` (``genre``, ``genre_strict``,
-        ``version``, ``score_mtt_female_vocal``); ``workers.tagfile`` spells
+        ``version``, ``score_mtt_female_vocal``); ``workers.tagfiles.namespace`` spells
         them per tag family. Empty categories are left out, so the writer
         removes them. Full mode adds the strict and loose lists.
         """

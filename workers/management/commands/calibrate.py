@@ -22,7 +22,7 @@ import time
 
 from django.core.management.base import BaseCommand, CommandError
 
-from workers import calibration
+from workers.calibration import compute as calibration
 from workers.models import Calibration, Job
 
 

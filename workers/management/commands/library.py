@@ -4,7 +4,7 @@ import json
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from workers.libraries import add_library, summary
+from workers.library.libraries import add_library, summary
 from workers.models import Library
 
 

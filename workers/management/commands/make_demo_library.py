@@ -1,6 +1,6 @@
 """``manage.py make_demo_library PATH --tracks N``: invent a music library.
 
-Thin wrapper over ``workers.demo.build_library``; see there for what is
+Thin wrapper over ``workers.audio.demo.build_library``; see there for what is
 written and why.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from django.core.management.base import BaseCommand, CommandError
 
 from workers.audio.formats import FORMATS
-from workers.demo import DEFAULT_FORMATS, build_library
+from workers.audio.demo import DEFAULT_FORMATS, build_library
 
 
 class Command(BaseCommand):

@@ -3,8 +3,8 @@ import json
 
 from django.core.management.base import BaseCommand
 
-from workers import queue as jobs
-from workers.queue import QUEUES
+from workers.jobs import queue as jobs
+from workers.jobs.queue import QUEUES
 
 
 class Command(BaseCommand):

@@ -8,8 +8,8 @@ import os
 import time
 
 from workers.management.worker_command import WorkerCommand
-from workers.queue import QUEUES
-from workers.runtime import Worker
+from workers.jobs.queue import QUEUES
+from workers.jobs.runtime import Worker
 
 
 class NoopWorker(Worker):

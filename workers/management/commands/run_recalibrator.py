@@ -1,6 +1,6 @@
 """``manage.py run_recalibrator``: one recalibrator worker process (supervisord runs N; never imports torch)."""
 from workers.management.worker_command import WorkerCommand
-from workers.recalibrate_worker import RecalibrateWorker
+from workers.calibration.recalibrate_worker import RecalibrateWorker
 
 
 class Command(WorkerCommand):

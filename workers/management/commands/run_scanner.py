@@ -1,6 +1,6 @@
 """``manage.py run_scanner``: one scanner worker process (supervisord runs N)."""
 from workers.management.worker_command import WorkerCommand
-from workers.scan_worker import ScanWorker
+from workers.library.scan_worker import ScanWorker
 
 
 class Command(WorkerCommand):

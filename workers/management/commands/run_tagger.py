@@ -1,9 +1,9 @@
 """``manage.py run_tagger``: one tagger worker process (supervisord runs GPUs × workers per GPU)."""
 from django.core.management.base import CommandError
 
-from workers.gpu import pin_from_environment
+from workers.jobs.gpu import pin_from_environment
 from workers.management.worker_command import WorkerCommand
-from workers.tag_worker import TagWorker, models_installed
+from workers.tagging.tag_worker import TagWorker, models_installed
 
 
 class Command(WorkerCommand):

@@ -4,7 +4,7 @@ import time
 
 from django.core.management.base import BaseCommand, CommandError
 
-from workers import scanner
+from workers.library import scanner
 from workers.models import Job, Library
 
 

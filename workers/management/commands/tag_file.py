@@ -9,9 +9,9 @@ import os
 
 from django.core.management.base import BaseCommand, CommandError
 
-from workers import paths, scanner
+from workers.library import paths, scanner
 from workers.audio.decode import DecodeError
-from workers.gpu import pin_from_environment
+from workers.jobs.gpu import pin_from_environment
 from workers.models import Library, Track
 from workers.tagging import scores
 from workers.tagging.apply import write_track_tags

@@ -3,7 +3,7 @@ import json
 
 from django.core.management.base import BaseCommand
 
-from workers import registry
+from workers.jobs import registry
 
 
 class Command(BaseCommand):
@@ -16,7 +16,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, action, **options):
         if action == "reap":
-            from workers import maintenance
+            from workers.jobs import maintenance
 
             self.stdout.write(str(maintenance.run_once()))
             return

@@ -1,0 +1,304 @@
+"""The one worker loop behind ``run_scanner``, ``run_tagger`` and ``run_recalibrator``.
+
+Claim a batch, process each job outside any transaction, complete or fail it.
+A heartbeat thread with its own database connection keeps the worker's meta
+row fresh, extends its leases and takes its turn at maintenance, so a long
+model run never makes the worker look dead. SIGTERM/SIGINT finish the current
+job (or release it after a grace period); a second signal releases at once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.db import OperationalError, close_old_connections, connection, connections
+
+from workers.jobs import dialect, maintenance, queue, registry
+from workers.jobs.queue import ClaimedJob
+
+log = logging.getLogger("earmark.worker")
+
+
+_IMPORTED = time.monotonic()
+
+
+def _process_age() -> float:
+    """Seconds since this process started (from ``/proc``; else since this module was imported)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            start_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
+
+
+class PermanentError(Exception):
+    """A failure no retry can fix (not audio, outside the library): fail at once."""
+
+
+class ImmediateStop(BaseException):
+    """Raised in the main thread to abandon the current job (second signal, grace expired)."""
+
+
+class Worker:
+    """What a queue's worker does with one job; the runner does everything else."""
+
+    queue: str = ""
+    batch_size: int = 1
+    #: Claim and ``prepare`` the next batch before processing this one, so that
+    #: work ``prepare`` starts in the background (a GPU tagger's decoding) runs
+    #: while this batch's jobs finish.
+    lookahead: bool = False
+
+    def setup(self, ctx: "Context") -> None:
+        """Load what the worker needs once per process (models, caches)."""
+
+    def prepare(self, jobs: list[ClaimedJob], ctx: "Context") -> None:
+        """Work on a whole claimed batch (of more than one job) before ``process`` sees each job."""
+
+    def process(self, job: ClaimedJob, ctx: "Context") -> dict | None:
+        """Do the job; raise to fail it (``PermanentError``: no retry). Returns an optional result."""
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        """Release what ``setup`` took."""
+
+
+@dataclass
+class Context:
+    """The worker's live status, written to its meta row by the heartbeat thread."""
+
+    status: dict = field(default_factory=lambda: {"state": "starting", "done": 0, "failed": 0})
+    changed: threading.Event = field(default_factory=threading.Event)
+
+    def update(self, **fields) -> None:
+        """Change the status; the heartbeat writes it soon, but only when something really changed."""
+        if all(self.status.get(k) == v for k, v in fields.items()):
+            return
+        self.status = {**self.status, **fields}
+        self.changed.set()
+
+    def progress(self, fraction: float, detail: str | None = None) -> None:
+        """Report progress of the current job (0..1); shown live in the admin."""
+        self.update(progress=round(float(fraction), 3), **({"detail": detail} if detail else {}))
+
+
+class Heartbeat(threading.Thread):
+    """Writes the meta row, extends leases and runs maintenance, on its own connection."""
+
+    MIN_SPACING = 0.2
+
+    def __init__(self, identity: registry.Identity, ctx: Context):
+        super().__init__(name="heartbeat", daemon=True)
+        self.identity, self.ctx = identity, ctx
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        interval = settings.EARMARK_HEARTBEAT_INTERVAL
+        try:
+            while not self.stop_event.is_set():
+                self.beat()
+                self.ctx.changed.wait(interval)
+                self.stop_event.wait(self.MIN_SPACING)
+        finally:
+            connections.close_all()
+
+    def beat(self) -> None:
+        self.ctx.changed.clear()
+        try:
+            registry.write(self.identity, self.ctx.status)
+            queue.extend_leases(self.identity.key, self.identity.boot_id)
+            maintenance.maybe_run()
+        except Exception:  # a busy database must not kill the heartbeat; the next beat retries
+            log.exception("heartbeat failed")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.ctx.changed.set()
+        self.join(timeout=10)
+
+
+class Runner:
+    """Runs one ``Worker`` until stopped (or idle, with ``exit_when_idle``)."""
+
+    FLUSH_SECONDS = 0.5
+
+    def __init__(self, worker: Worker, number=None, exit_when_idle=False, batch_size=None, max_jobs=None):
+        self.worker = worker
+        self.identity = registry.new_identity(worker.queue, number)
+        self.exit_when_idle = exit_when_idle
+        self.batch_override = batch_size
+        self.max_jobs = max_jobs
+        self.ctx = Context()
+        self.stopping = False
+        self.held: list[int] = []
+        self.ahead: list[ClaimedJob] = []  # the next batch, claimed and prepared (``Worker.lookahead``)
+        self.finished: list[int] = []
+        self.results: dict[int, dict] = {}
+        self.last_flush = time.monotonic()
+        self.processed = 0
+
+    # -- signals -------------------------------------------------------------
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stopping:
+            raise ImmediateStop(f"second signal {signum}")
+        self.stopping = True
+        self.ctx.update(state="stopping")
+        log.info("%s: signal %s, finishing the current job (grace %.0fs)", self.identity.key, signum, self._grace())
+        signal.setitimer(signal.ITIMER_REAL, self._grace())
+
+    def _on_alarm(self, signum, frame) -> None:
+        raise ImmediateStop("grace period over")
+
+    @staticmethod
+    def _grace() -> float:
+        return float(getattr(settings, "EARMARK_STOP_GRACE_SECONDS", 20.0))
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGALRM, self._on_alarm)
+
+    # -- main loop -----------------------------------------------------------
+
+    def run(self) -> int:
+        """Returns the process exit status: 0 for a clean stop."""
+        self._install_signals()
+        registry.write(self.identity, self.ctx.status)
+        queue.rescue_predecessor(self.identity.key, self.identity.boot_id)
+        heartbeat = Heartbeat(self.identity, self.ctx)
+        heartbeat.start()
+        log.info("%s: started (pid %s, boot %s)", self.identity.key, self.identity.pid, self.identity.boot_id)
+        try:
+            self.worker.setup(self.ctx)
+            self._hold_until_started()
+            self.ctx.update(state="idle")
+            self._loop()
+        except ImmediateStop as stop:
+            log.info("%s: stopping now (%s)", self.identity.key, stop)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self._shutdown(heartbeat)
+        return 0
+
+    def _hold_until_started(self) -> None:
+        """Claim nothing until the process is ``EARMARK_START_SECONDS`` old (supervisord sets it).
+
+        supervisord counts a process that exits within ``startsecs`` as a
+        failed start, and after ``startretries`` of those it gives the program
+        up (FATAL) until a person restarts it. A job that kills its worker (a
+        poison file) must never look like that, or a few bad files would stop
+        all tagging: so a worker takes its first job only once it is past
+        ``startsecs``; then a death on a job is an ordinary exit that
+        supervisord restarts, and the queue quarantines the job after its
+        ``max_attempts`` deaths. A worker that cannot start at all (missing
+        models, no database) still fails within ``startsecs``, as it should.
+        """
+        hold = float(os.environ.get("EARMARK_START_SECONDS") or 0)
+        while not self.stopping and _process_age() < hold:
+            time.sleep(0.05)
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            if self.max_jobs is not None and self.processed >= self.max_jobs:
+                return
+            jobs, self.ahead = self.ahead or self._claim(True), []
+            if jobs:
+                self._run_batch(jobs)
+                continue
+            self._flush()
+            if self.exit_when_idle and not self._pending():
+                log.info("%s: queue idle, exiting", self.identity.key)
+                return
+            if self.ctx.status.get("state") != "idle":
+                # Only on the way into idle: every update wakes the heartbeat, and every
+                # heartbeat write would wake every other idle worker into a claim.
+                self.ctx.update(state="idle", job=None, file=None, progress=None, detail=None)
+            dialect.wait_for_change(connection, settings.EARMARK_IDLE_POLL_SECONDS, lambda: self.stopping,
+                                    channels=[dialect.queue_channel(self.worker.queue)])
+
+    def _claim(self, prepare: bool = False) -> list[ClaimedJob]:
+        try:
+            batch = self.batch_override or self.worker.batch_size  # the worker may size it in setup()
+            jobs = queue.claim(self.worker.queue, self.identity.key, self.identity.boot_id, batch)
+        except OperationalError as exc:  # e.g. the busy timeout ran out under heavy load: try again
+            log.warning("%s: claim failed (%s); retrying", self.identity.key, exc)
+            time.sleep(0.5)
+            return []
+        self.held += [j.id for j in jobs]
+        if prepare and len(jobs) > 1:
+            self.worker.prepare(jobs, self.ctx)
+        return jobs
+
+    def _pending(self) -> bool:
+        return queue.has_pending(self.worker.queue)
+
+    def _run_batch(self, jobs: list[ClaimedJob]) -> None:
+        if self.worker.lookahead and not self.stopping:
+            self.ahead = self._claim(True)
+        for job in jobs:
+            if self.stopping:
+                break
+            self._run_one(job)
+        self._flush(force=True)
+        unfinished = [j.id for j in jobs if j.id in self.held]
+        if unfinished:
+            queue.release(unfinished, self.identity.key)
+            self.held = [i for i in self.held if i not in unfinished]
+
+    def _run_one(self, job: ClaimedJob) -> None:
+        self.ctx.update(state="busy", job=job.id, job_key=job.key, progress=0.0, detail=None,
+                        job_started=time.time())
+        try:
+            result = self.worker.process(job, self.ctx)
+        except ImmediateStop:
+            raise
+        except PermanentError as exc:
+            self._fail(job, str(exc), retry=False)
+        except Exception as exc:
+            log.warning("%s: job %s failed: %s", self.identity.key, job.id, exc)
+            log.debug("%s", traceback.format_exc())
+            self._fail(job, f"{type(exc).__name__}: {exc}", retry=True)
+        else:
+            self.finished.append(job.id)
+            if result:
+                self.results[job.id] = result
+            self.ctx.status["done"] = self.ctx.status.get("done", 0) + 1
+        self.held.remove(job.id)
+        self.processed += 1
+        self._flush()
+
+    def _fail(self, job: ClaimedJob, error: str, retry: bool) -> None:
+        queue.fail(job, self.identity.key, error, retry=retry)
+        self.ctx.status["failed"] = self.ctx.status.get("failed", 0) + 1
+
+    def _flush(self, force: bool = False) -> None:
+        """Complete finished jobs in one statement, at most every FLUSH_SECONDS unless forced."""
+        if not self.finished or (not force and time.monotonic() - self.last_flush < self.FLUSH_SECONDS):
+            return
+        queue.complete(self.finished, self.identity.key, self.results)
+        self.finished, self.results = [], {}
+        self.last_flush = time.monotonic()
+
+    def _shutdown(self, heartbeat: Heartbeat) -> None:
+        """Complete what finished, release what did not, remove our row: nothing is left behind."""
+        try:
+            self._flush(force=True)
+            queue.release(self.held, self.identity.key)
+            self.held = []
+            self.worker.teardown()
+        finally:
+            heartbeat.stop()
+            registry.remove(self.identity)
+            close_old_connections()
+            log.info("%s: stopped", self.identity.key)

@@ -1,0 +1,51 @@
+"""Adding and describing libraries (shared by the ``library`` command and the admin)."""
+from __future__ import annotations
+
+import os
+
+from django.core.exceptions import ValidationError
+from django.db.models import Count
+
+from workers.models import Library, Track
+
+
+def validate_root(path: str) -> str:
+    """An absolute, existing directory; returned resolved so that symlinked roots are checked once."""
+    if not path:
+        raise ValidationError("a library path is required")
+    real = os.path.realpath(os.path.expanduser(path))
+    if not os.path.isdir(real):
+        raise ValidationError(f"{path} is not an existing directory")
+    return real
+
+
+def add_library(name: str, path: str, write_mode: str = Library.WriteMode.MINIMAL) -> Library:
+    root = validate_root(path)
+    if Library.objects.filter(name=name).exists():
+        raise ValidationError(f"a library named {name!r} already exists")
+    if write_mode not in Library.WriteMode.values:
+        raise ValidationError(f"write mode must be one of {', '.join(Library.WriteMode.values)}")
+    return Library.objects.create(name=name, root=root, write_mode=write_mode)
+
+
+def summary(library: Library, failed_limit: int = 100) -> dict:
+    """What ``library show --json`` prints: counts by state and the failed files with reasons."""
+    by_state = {s: 0 for s in Track.State.values}
+    for row in Track.objects.filter(library=library).values("state").annotate(n=Count("id")):
+        by_state[row["state"]] = row["n"]
+    failed = [
+        {"path": p, "error": e}
+        for p, e in Track.objects.filter(library=library, state=Track.State.FAILED)
+        .order_by("path").values_list("path", "error")[:failed_limit]
+    ]
+    return {
+        "name": library.name,
+        "root": library.root,
+        "enabled": library.enabled,
+        "write_mode": library.write_mode,
+        "tracks": sum(by_state.values()),
+        "by_state": by_state,
+        "failed": failed,
+        "last_scan_at": library.last_scan_at.isoformat() if library.last_scan_at else None,
+        "last_scan_error": library.last_scan_error,
+    }

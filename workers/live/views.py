@@ -1,0 +1,153 @@
+"""The live dashboard, its event stream, the plots page and supervisor control.
+
+``events`` is django-eventstream's view behind two additions: staff only,
+checked before any stream opens (non-staff are sent to the login page), and a
+full snapshot of each channel right after the stream opens, so that a client
+that connects or reconnects starts from the truth and then applies deltas
+(see ``workers.live.broker`` for the sequence numbers that keep the two in step).
+"""
+from __future__ import annotations
+
+import asyncio
+
+from django.contrib import admin, messages
+from django.contrib.admin.views.decorators import staff_member_required
+from django.core.exceptions import PermissionDenied
+from django.http import StreamingHttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+from django_eventstream.utils import sse_encode_event
+from django_eventstream.views import events as eventstream_events
+
+from workers.live import plots, snapshots, supervisor_client
+from workers.live.broker import EVENT_SNAPSHOT, Broker, get_broker
+from workers.live.channels import StaffChannelManager
+from workers.models import Library, Track
+
+CONTROL_PERMISSION = "workers.control_supervisor"
+KEEP_ALIVE = b"event: keep-alive\ndata:\n\n"
+
+
+# --- the event stream ---------------------------------------------------------------
+
+
+@staff_member_required
+def events(request):
+    """``/events/?channel=workers&channel=queues&channel=jobs``: snapshots, then deltas."""
+    broker = get_broker()
+    response = eventstream_events(request)
+    channels = sorted(StaffChannelManager().get_channels_for_request(request, {}))
+    if isinstance(response, StreamingHttpResponse) and response.is_async and channels:
+        response.streaming_content = _with_snapshots(response.streaming_content, broker, channels)
+    return response
+
+
+async def _with_snapshots(stream, broker: Broker, channels: list[str]):
+    """Pass django-eventstream's stream through, adding snapshots after it opens and seqs to keep-alives.
+
+    The snapshots are taken after the stream's listener is registered, so no
+    delta that follows them can miss this client unnoticed.
+    """
+    try:
+        opened = False
+        async for chunk in stream:
+            if not opened:
+                opened = True
+                yield chunk
+                if b"stream-error" not in chunk:
+                    yield await asyncio.to_thread(_snapshot_events, broker, channels)
+            elif chunk == KEEP_ALIVE:
+                yield sse_encode_event("keep-alive", {"seq": broker.seqs()}, json_encode=True).encode()
+            else:
+                yield chunk
+    finally:
+        await stream.aclose()
+
+
+def _snapshot_events(broker: Broker, channels: list[str]) -> bytes:
+    return "".join(sse_encode_event(EVENT_SNAPSHOT, snap, json_encode=True)
+                   for snap in broker.snapshots(channels)).encode()
+
+
+def events_url() -> str:
+    return reverse("earmark-events") + "?" + "&".join(f"channel={c}" for c in snapshots.CHANNELS)
+
+
+# --- the dashboard ----------------------------------------------------------------------
+
+
+def supervisor_context(user) -> dict:
+    """The process table, or why there is none; never raises."""
+    try:
+        processes = supervisor_client.process_table()
+    except supervisor_client.SupervisorError as exc:
+        return {"supervisor_error": str(exc), "processes": [], "groups": []}
+    groups = [g for g in supervisor_client.groups(processes) if g not in supervisor_client.UNCONTROLLABLE_GROUPS]
+    return {"supervisor_error": "", "processes": processes, "groups": groups,
+            "can_control": user.has_perm(CONTROL_PERMISSION), "actions": supervisor_client.ACTIONS}
+
+
+def dashboard(request):
+    """Queues, throughput, workers, scans and failures, live; supervisord's processes as of loading."""
+    initial = {name: {"channel": name, "seq": None, "state": snap.state}
+               for name, snap in snapshots.read_all().items()}
+    context = {
+        **admin.site.each_context(request),
+        "title": "Dashboard",
+        "initial_state": initial,
+        "events_url": events_url(),
+        "late_after": snapshots.late_after(),
+        **supervisor_context(request.user),
+    }
+    return render(request, "workers/dashboard.html", context)
+
+
+def plots_page(request):
+    """The distribution of tags (or, before tagging, of formats and states) per library and overall."""
+    library_id = request.GET.get("library")
+    library = get_object_or_404(Library, id=library_id) if library_id else None
+    tracks = Track.objects.filter(library=library) if library else Track.objects.all()
+    what, charts = plots.distribution_charts(tracks)
+    context = {
+        **admin.site.each_context(request),
+        "title": f"Distribution: {library.name}" if library else "Distribution: all libraries",
+        "what": what, "charts": charts, "library": library,
+        "libraries": Library.objects.order_by("name"),
+    }
+    return render(request, "workers/plots.html", context)
+
+
+# --- supervisor control ------------------------------------------------------------
+
+
+def control_permission():
+    """The permission row, created if missing (migration 0004 makes it; a test flush removes it)."""
+    from django.contrib.auth.models import Permission
+    from django.contrib.contenttypes.models import ContentType
+
+    from workers.models import Meta
+
+    app_label, codename = CONTROL_PERMISSION.split(".")
+    return Permission.objects.get_or_create(
+        content_type=ContentType.objects.get_for_model(Meta), codename=codename,
+        defaults={"name": "Can start, stop and restart supervisord programs"})[0]
+
+
+@require_POST
+def supervisor_control(request):
+    """Start, stop or restart one program group; needs the dedicated permission."""
+    if not request.user.has_perm(CONTROL_PERMISSION):
+        raise PermissionDenied("controlling supervisord needs the 'control supervisor' permission")
+    action, group = request.POST.get("action", ""), request.POST.get("group", "")
+    if action not in supervisor_client.ACTIONS or not group:
+        messages.error(request, "Choose a program group and start, stop or restart.")
+        return redirect("earmark-dashboard")
+    try:
+        supervisor_client.control(action, group)
+    except supervisor_client.SupervisorError as exc:
+        messages.error(request, f"Could not {action} {group}: {exc}")
+    else:
+        messages.success(request, f"{group}: {action} done.")
+    return redirect("earmark-dashboard")
+
