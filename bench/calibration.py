@@ -69,15 +69,16 @@ def child_synthesize(db: str, tracks: int) -> dict:
     from django.db import connection, transaction
     from django.utils import timezone
 
-    from workers.calibration import compute as calibration
+    from workers.calibration import compute, transfer
+    from workers.tagging import calibrated
     from workers.models import Library, Score, Track
     from workers.tagging import scores
 
     start = time.perf_counter()
     library = Library.objects.create(name="synthetic", root="/nonexistent/synthetic")
     rng = np.random.default_rng(0)
-    shapes = np.linspace(0.3, 2.0, len(calibration.LABEL_ORDER))
-    digest = scores.labels_digest(calibration.LABEL_ORDER)
+    shapes = np.linspace(0.3, 2.0, len(compute.LABEL_ORDER))
+    digest = scores.labels_digest(compute.LABEL_ORDER)
     now = connection.ops.adapt_datetimefield_value(timezone.now())
     chunk = 10_000
     with transaction.atomic():
@@ -102,15 +103,16 @@ def child_synthesize(db: str, tracks: int) -> dict:
 def child_compute(db: str, activate: bool) -> dict:
     """One calibration computation in a fresh process; optionally activate it (enqueue every track)."""
     _django(db)
-    from workers.calibration import compute as calibration
+    from workers.calibration import compute, transfer
+    from workers.tagging import calibrated
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    row, _ = calibration.compute(min_count=1, timings=timings)
+    row, _ = compute.compute(min_count=1, timings=timings)
     timings["compute"] = time.perf_counter() - start
     if activate:
         start = time.perf_counter()
-        timings["jobs"] = calibration.activate(row)
+        timings["jobs"] = compute.activate(row)
         timings["enqueue"] = time.perf_counter() - start
     return timings
 
@@ -122,7 +124,8 @@ def child_prepare(db: str, root: str) -> dict:
 
     from django.utils import timezone
 
-    from workers.calibration import compute as calibration
+    from workers.calibration import compute, transfer
+    from workers.tagging import calibrated
     from workers.jobs import queue
     from workers.library import scanner
     from workers.models import Library, Meta, Track
@@ -137,20 +140,20 @@ def child_prepare(db: str, root: str) -> dict:
     rng = np.random.default_rng(1)
     tracks = Track.objects.filter(library=library, state=Track.State.SCANNED)
     for track in tracks:
-        means = rng.beta(0.6, 6.0, len(calibration.LABEL_ORDER)).astype("<f4")
-        scores.save(track, "bench@1", calibration.LABEL_ORDER, means, means * 0.3, patches=4)
+        means = rng.beta(0.6, 6.0, len(compute.LABEL_ORDER)).astype("<f4")
+        scores.save(track, "bench@1", compute.LABEL_ORDER, means, means * 0.3, patches=4)
     count = tracks.update(state=Track.State.TAGGED)
-    a, _ = calibration.compute(min_count=1)
-    document = calibration.export_json(a)
+    a, _ = compute.compute(min_count=1)
+    document = transfer.export_json(a)
     document["version"] = a.version + "-b"
     for stats in document["stats"].values():   # B: every label a little harder to reach
         stats["p95"] = min(stats["max"], stats["p95"] * 1.1)
-    b, _ = calibration.import_json(document, source="bench")
-    Meta.objects.update_or_create(key=calibration.CURRENT_KEY, defaults={
+    b, _ = transfer.import_json(document, source="bench")
+    Meta.objects.update_or_create(key=calibrated.CURRENT_KEY, defaults={
         "value": {"id": a.id, "version": a.version, "track_count": a.track_count}, "updated_at": timezone.now()})
-    cal_a = calibration.current(max_age=0)
+    cal_a = calibrated.current(max_age=0)
     for track in Track.objects.filter(library=library).select_related("library", "score"):
-        means, spreads = scores.as_mappings(track.score, calibration.LABEL_ORDER)
+        means, spreads = scores.as_mappings(track.score, compute.LABEL_ORDER)
         write_track_tags(track, means, spreads, "bench@1", cal_a)
     return {"tracks": count, "a": a.version, "b": b.version}
 
@@ -165,20 +168,22 @@ def child_activate(db: str, version: str) -> dict:
     _django(db)
     from django.db.models import Max
 
-    from workers.calibration import compute as calibration
+    from workers.calibration import compute, transfer
+    from workers.tagging import calibrated
     from workers.jobs import queue
     from workers.models import Calibration, Job
 
     queue.pause("calibrate")
     before = Job.objects.aggregate(m=Max("id"))["m"] or 0
-    jobs = calibration.activate(Calibration.objects.get(version=version))
+    jobs = compute.activate(Calibration.objects.get(version=version))
     return {"after_id": before, "jobs": jobs}
 
 
 def child_tagsets(db: str, root: str, copy_root: str, versions: list[str]) -> dict:
     """The exact tag fields the recalibrator writes, per calibration, keyed by the copy's path."""
     _django(db)
-    from workers.calibration import compute as calibration
+    from workers.calibration import compute, transfer
+    from workers.tagging import calibrated
     from workers.library import paths
     from workers.models import Calibration, Track
     from workers.tagging import scores
@@ -186,10 +191,10 @@ def child_tagsets(db: str, root: str, copy_root: str, versions: list[str]) -> di
 
     out: dict[str, dict] = {}
     for version in versions:
-        cal = calibration.LibraryCalibration.from_row(Calibration.objects.get(version=version))
+        cal = calibrated.LibraryCalibration.from_row(Calibration.objects.get(version=version))
         fields = {}
         for track in Track.objects.select_related("score"):
-            means, spreads = scores.as_mappings(track.score, calibration.LABEL_ORDER)
+            means, spreads = scores.as_mappings(track.score, compute.LABEL_ORDER)
             copy = copy_root + paths.to_text(paths.to_bytes(track.path))[len(root):]
             fields[copy] = build_tags(means, spreads, cal, "minimal", models=track.score.model_version).fields()
         out[version] = fields

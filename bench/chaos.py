@@ -80,7 +80,7 @@ def decoded_audio(files) -> dict[Path, np.ndarray]:
 
 
 def temp_files(root: Path) -> list[Path]:
-    from workers.tagfiles.safewrite import TEMP_PREFIX
+    from workers.tagfiles.tempfiles import TEMP_PREFIX
 
     return sorted(p for p in Path(root).rglob(f"{TEMP_PREFIX}*"))
 
@@ -167,13 +167,13 @@ class Chaos:
         too) give the taggers nothing to do, and they must die with work in
         hand as well.
         """
-        from workers.library import scanner
+        from workers.library import folders, scan
 
         steps = ("rescan", "calibration", "retag", "calibration", "full rescan", "retag", "calibration")
         step = steps[self._churn_step % len(steps)]
         self._churn_step += 1
         if step in ("rescan", "full rescan"):
-            scanner.request_scan(self.library, full=step == "full rescan")
+            scan.request_scan(self.library, full=step == "full rescan")
         elif step == "retag":
             retag_some(self.library, self.rng, share=1.0)
         else:
@@ -188,13 +188,14 @@ class Chaos:
         restarting over and over from the first second would leave the
         recalibrators nothing to rewrite.
         """
-        from workers.calibration import compute as calibration
+        from workers.calibration import compute, transfer
+        from workers.tagging import calibrated
         from workers.models import Track
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if Track.objects.filter(library=self.library, state="tagged").count() >= tagged:
-                if calibration.current_row() is None:
+                if calibrated.current_row() is None:
                     new_calibration(0, self.rng, first_at=tagged)
                 return
             time.sleep(0.25)
@@ -217,13 +218,13 @@ class Chaos:
 def retag_some(library, rng: random.Random, share: float = 0.3) -> int:
     """Queue tag jobs for some tagged tracks (tagging twice must give the same file)."""
     from workers.jobs import queue
-    from workers.library import scanner
+    from workers.library import folders, scan
     from workers.models import Track
 
     ids = list(Track.objects.filter(library=library, state="tagged").values_list("id", flat=True))
     chosen = rng.sample(ids, max(1, int(len(ids) * share))) if ids else []
     return queue.enqueue_many("tag", [queue.NewJob(key=f"tag:{i}", track_id=i, library_id=library.id,
-                                                   priority=scanner.TAG_PRIORITY) for i in chosen])
+                                                   priority=folders.TAG_PRIORITY) for i in chosen])
 
 
 def new_calibration(n: int, rng: random.Random, first_at: int = 4) -> int:
@@ -235,22 +236,23 @@ def new_calibration(n: int, rng: random.Random, first_at: int = 4) -> int:
     and activated as a new version, exactly as a person importing another
     library's calibration would. Returns the jobs queued.
     """
-    from workers.calibration import compute as calibration
+    from workers.calibration import compute, transfer
+    from workers.tagging import calibrated
 
-    row = calibration.current_row()
+    row = calibrated.current_row()
     if row is None:
         try:
-            return calibration.recalibrate(min_count=first_at).jobs
-        except calibration.NotEnoughTracks:
+            return compute.recalibrate(min_count=first_at).jobs
+        except compute.NotEnoughTracks:
             return 0
-    doc = calibration.export_json(row)
+    doc = transfer.export_json(row)
     for stats in doc["stats"].values():
         span = stats["p95"] - stats["p5"]
         stats["p5"] += span * rng.uniform(0.0, 0.15)
         stats["p95"] -= span * rng.uniform(0.0, 0.15)
     doc["version"] = f"{row.version.split('-chaos')[0][:60]}-chaos{n}"
-    new, _ = calibration.import_json(doc, source="bench.chaos")
-    return calibration.activate(new)
+    new, _ = transfer.import_json(doc, source="bench.chaos")
+    return compute.activate(new)
 
 
 # ------------------------------------------------------------------ settle, check
@@ -279,18 +281,18 @@ def settle(timeout: float, what: str = "the queues to drain") -> None:
 
 def final_scan(library, timeout: float) -> None:
     """One more incremental scan, as a scheduled rescan would run, and its follow-up work."""
-    from workers.library import scanner
+    from workers.library import folders, scan
 
-    before = scanner.progress(library).get("gen", 0)
-    scanner.request_scan(library)
+    before = scan.progress(library).get("gen", 0)
+    scan.request_scan(library)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = scanner.progress(library)
+        state = scan.progress(library)
         if state.get("gen", 0) > before and state.get("state") in ("done", "failed"):
             break
         time.sleep(0.25)
     else:
-        raise AssertionError(f"the final scan did not finish in {timeout:.0f}s: {scanner.progress(library)}")
+        raise AssertionError(f"the final scan did not finish in {timeout:.0f}s: {scan.progress(library)}")
     settle(timeout, "the work after the final scan")
 
 
@@ -310,7 +312,7 @@ def check(library, audio_before: dict[Path, np.ndarray]) -> Report:
     from workers.library import paths
     from workers.audio.decode import decode
     from workers.models import Job, Track
-    from workers.tagfiles.safewrite import TEMP_PREFIX
+    from workers.tagfiles.tempfiles import TEMP_PREFIX
     from workers.tagfiles.namespace import read_earmark_tags
     from workers.tagging.tagset import CATEGORIES
 
@@ -379,7 +381,7 @@ def main(argv=None) -> int:
     models = models_dir()
     setup_django()
     from tests.supervisor_harness import Supervisor
-    from workers.library import scanner
+    from workers.library import folders, scan
     from workers.library.libraries import add_library
     from workers.models import Meta
 
@@ -395,7 +397,7 @@ def main(argv=None) -> int:
         files = make_library(root, args.tracks, seed=args.seed)
         before = decoded_audio(files)
         library = add_library("chaos", str(root))
-        scanner.request_scan(library)
+        scan.request_scan(library)
         sup = Supervisor(env, ws.dir / "sup", EARMARK_TAGGER_AUTOSTART="true", EARMARK_RECALIBRATOR_AUTOSTART="true",
                          **WORKERS).start()
         started = time.monotonic()

@@ -161,8 +161,9 @@ def _guarded(stats: dict, name: str, fn):
 
 def _drive() -> dict:
     from bench.chaos import new_calibration, retag_some
-    from workers.calibration import compute as calibration
-    from workers.library import scanner
+    from workers.calibration import compute
+    from workers.tagging import calibrated
+    from workers.library import scan
     from workers.models import Library, Track
 
     rng = random.Random(5)
@@ -180,13 +181,13 @@ def _drive() -> dict:
     def calibrate():
         nonlocal n
         n += 1
-        if calibration.current_row() is None:
+        if calibrated.current_row() is None:
             if Track.objects.filter(state="tagged").count() >= 20:
-                calibration.recalibrate(min_count=20)
+                compute.recalibrate(min_count=20)
         else:
             new_calibration(n, rng)
 
-    actions = {"rescan": lambda: scanner.request_scan(library), "touch": touch,
+    actions = {"rescan": lambda: scan.request_scan(library), "touch": touch,
                "retag": lambda: retag_some(library, rng, 0.05), "calibration": calibrate}
     _guarded(stats, "rescan", actions["rescan"])
     while not _Stop.flag:

@@ -146,18 +146,18 @@ def add_library(db: Path, root: Path) -> int:
 def earmark_scan(ws: Workspace, db: Path, lib_id: int, procs: int, expected: int, first: bool) -> tuple[float, float]:
     """Seconds (wall, workers' CPU) from the moment the scan request becomes claimable until the scan is done."""
     from workers.jobs import queue
-    from workers.library import scanner
+    from workers.library import scan
     from workers.models import Library
 
     use_database(db)
     queue.pause("scan")
-    scanner.request_scan(Library.objects.get(id=lib_id))
-    previous = scanner.progress(Library.objects.get(id=lib_id)).get("gen", 0)
+    scan.request_scan(Library.objects.get(id=lib_id))
+    previous = scan.progress(Library.objects.get(id=lib_id)).get("gen", 0)
     use_database(db)
     env = ws.env(db)
     args = [["run_scanner", "--exit-when-idle", "--number", i] for i in range(procs)]
     poll = connect(db)
-    progress_key = scanner.progress_key(lib_id)
+    progress_key = scan.progress_key(lib_id)
     state_sql = ("SELECT json_extract(value, '$.state'), json_extract(value, '$.gen') FROM workers_meta WHERE key = ?")
 
     def scan_done() -> bool:

@@ -142,7 +142,7 @@ def drain_scans(limit: int | None = None) -> list:
     ``limit`` stops after that many jobs (to interrupt a scan midway).
     """
     from workers.jobs import queue
-    from workers.library import scanner
+    from workers.library import scan_worker
     from workers.models import Job
     from workers.jobs.runtime import PermanentError
 
@@ -153,7 +153,7 @@ def drain_scans(limit: int | None = None) -> list:
             break
         job = jobs[0]
         try:
-            result = scanner.process_job(job.payload, job.library_id)
+            result = scan_worker.process_job(job.payload, job.library_id)
         except PermanentError as exc:
             queue.fail(job, worker, str(exc), retry=False)
         else:

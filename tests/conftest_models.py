@@ -8,7 +8,7 @@ Register with ``pytest_plugins = ["tests.conftest_models"]`` in tests/conftest.p
   sessions reuse it without network).
 * ``installed_models_dir``: a temporary models dir populated by
   ``install_models`` from that wheel; treat it as read-only.
-* ``musicnn_pair``: a CPU :class:`~workers.tagging.musicnn.MusicnnPair` on it.
+* ``musicnn_pair``: a CPU :class:`~workers.tagging.loading.MusicnnPair` on it.
 """
 import os
 from pathlib import Path
@@ -45,6 +45,6 @@ def installed_models_dir(musicnn_wheel, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def musicnn_pair(installed_models_dir):
-    from workers.tagging.musicnn import MusicnnPair
+    from workers.tagging.loading import MusicnnPair
 
     return MusicnnPair(device="cpu", models_dir=installed_models_dir)

@@ -1,4 +1,4 @@
-"""The recalibrator on real files: real model scores, the tagger's auto trigger, rewrites only
+"""The recalibrator on real files: real model scores, the auto trigger as a maintenance service, rewrites only
 where tags change, the odd cases of a job, and the promise that neither it nor the scanner
 ever imports torch.
 """
@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from django.core.management import call_command
 
-from workers.calibration import compute as cal
-from workers.library import paths, scanner
-from workers.jobs import queue
+from workers.calibration import auto, compute
+from workers.tagging import calibrated
+from workers.library import paths, scan, scan_worker
+from workers.jobs import maintenance, queue
 from workers.tagfiles import namespace as tagfile
 from workers.models import Job, Library, Score, Track
 from workers.jobs.queue import ClaimedJob
@@ -34,13 +35,6 @@ MODELS = "MTT_musicnn@abcd1234+MSD_musicnn@ef567890"
 INLINE = "worker:testhost:inline:0"
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    cal.reset_cache()
-    yield
-    cal.reset_cache()
-
-
 def drain(queue_name: str, handle) -> list:
     """Run a queue's jobs in this process as a worker would; returns the results."""
     results = []
@@ -51,9 +45,9 @@ def drain(queue_name: str, handle) -> list:
     return results
 
 
-def scan(library: Library) -> None:
-    scanner.request_scan(library)
-    drain("scan", lambda job: scanner.process_job(job.payload, job.library_id))
+def scan_library(library: Library) -> None:
+    scan.request_scan(library)
+    drain("scan", lambda job: scan_worker.process_job(job.payload, job.library_id))
 
 
 def file_state(path) -> tuple[bytes, int]:
@@ -77,10 +71,10 @@ def give_synthetic_scores(library, seed=0) -> None:
     """Tag every scanned track from random scores, as a tagger would have (uncalibrated)."""
     rng = np.random.default_rng(seed)
     for track in Track.objects.filter(library=library).select_related("library"):
-        means = rng.beta(0.6, 6.0, len(cal.LABEL_ORDER)).astype(np.float32)
+        means = rng.beta(0.6, 6.0, len(compute.LABEL_ORDER)).astype(np.float32)
         spreads = (means * 0.3).astype(np.float32)
-        stored.save(track, MODELS, cal.LABEL_ORDER, means, spreads, patches=4)
-        m, s = stored.as_mappings(Score.objects.get(track=track), cal.LABEL_ORDER)
+        stored.save(track, MODELS, compute.LABEL_ORDER, means, spreads, patches=4)
+        m, s = stored.as_mappings(Score.objects.get(track=track), compute.LABEL_ORDER)
         write_track_tags(track, m, s, MODELS, None)
 
 
@@ -95,13 +89,16 @@ def test_tagger_triggers_calibration_and_recalibration_rewrites_only_what_change
     settings.EARMARK_CALIBRATION_MIN_TRACKS = 3
     settings.EARMARK_CALIBRATION_CHECK_SECONDS = 0
     library = make_library(tmp_path, ["mp3", "flac", "ogg"], Library.WriteMode.FULL, seconds=4.0)
-    scan(library)
+    scan_library(library)
 
     tagger, ctx = TagWorker("cpu"), Context()
     tagger.setup(ctx)
     tagged = drain("tag", lambda job: tagger.process(job, ctx))
     assert len(tagged) == 3
-    version = cal.current_pointer()["version"]                  # the hook calibrated at the 3rd track
+    assert calibrated.current_pointer() is None
+    # Any worker's maintenance pass runs the auto trigger (registered by workers.calibration.auto).
+    assert maintenance.run_once().services["recalibrated"] == 1
+    version = calibrated.current_pointer()["version"]
     assert Job.objects.filter(queue="calibrate", state="queued").count() == 3
     for track in Track.objects.filter(library=library):
         assert "calibration=uncalibrated" in tagfile.read_earmark_tags(paths.to_bytes(track.path))["version"][0]
@@ -110,10 +107,10 @@ def test_tagger_triggers_calibration_and_recalibration_rewrites_only_what_change
                           env=worker_env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [j.result["written"] for j in Job.objects.filter(queue="calibrate")] == [True] * 3
-    calibration = cal.current(max_age=0)
+    calibration = calibrated.current(max_age=0)
     before = {}
     for name, track in tracks_by_name(library).items():
-        means, spreads = stored.as_mappings(track.score, cal.LABEL_ORDER)
+        means, spreads = stored.as_mappings(track.score, compute.LABEL_ORDER)
         expected = build_tags(means, spreads, calibration, "full", models=track.score.model_version)
         in_file = tagfile.read_earmark_tags(paths.to_bytes(track.path))
         assert in_file == expected.fields(), "exactly what a fresh tagging would write"
@@ -152,14 +149,14 @@ def run_with_importtime(command: str, env: dict) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_scanner_and_recalibrator_never_import_torch(worker_env, tmp_path):
     library = make_library(tmp_path, ["mp3", "flac"])
-    scanner.request_scan(library)
+    scan.request_scan(library)
     scan_run = run_with_importtime("run_scanner", worker_env)
     assert Track.objects.filter(library=library, state="scanned").count() == 2
     assert not imported_torch(scan_run.stderr)
 
     give_synthetic_scores(library)
-    row, _ = cal.compute(min_count=2)
-    assert cal.activate(row) == 2
+    row, _ = compute.compute(min_count=2)
+    assert compute.activate(row) == 2
     recal_run = run_with_importtime("run_recalibrator", worker_env)
     assert Job.objects.filter(queue="calibrate", state="done").count() == 2
     assert set(Track.objects.values_list("calibration_version", flat=True)) == {row.version}
@@ -175,20 +172,20 @@ def job_for(track: Track, **payload) -> ClaimedJob:
 
 
 @pytest.fixture
-def calibrated(db, tmp_path):
+def calibrated_library(db, tmp_path):
     """Three real files tagged from synthetic scores, and a current calibration none was written with."""
     library = make_library(tmp_path, ["mp3", "flac", "ogg"])
-    scan(library)
+    scan_library(library)
     give_synthetic_scores(library)
     Job.objects.filter(queue="tag").delete()  # the scan's; these tracks were "tagged" from synthetic scores
-    row, _ = cal.compute(min_count=3)
-    cal.activate(row)
+    row, _ = compute.compute(min_count=3)
+    compute.activate(row)
     return library, row
 
 
-def test_a_job_rewrites_the_file_then_skips_it(calibrated):
-    library, row = calibrated
-    worker, track = RecalibrateWorker(), tracks_by_name(calibrated[0])["00.mp3"]
+def test_a_job_rewrites_the_file_then_skips_it(calibrated_library):
+    library, row = calibrated_library
+    worker, track = RecalibrateWorker(), tracks_by_name(calibrated_library[0])["00.mp3"]
     assert worker.process(job_for(track, calibration=row.version), Context()) == {"written": True,
                                                                                    "calibration": row.version}
     state = file_state(paths.to_bytes(track.path))
@@ -198,8 +195,8 @@ def test_a_job_rewrites_the_file_then_skips_it(calibrated):
     assert file_state(paths.to_bytes(track.path)) == state
 
 
-def test_a_disabled_library_is_left_alone(calibrated):
-    library, row = calibrated
+def test_a_disabled_library_is_left_alone(calibrated_library):
+    library, row = calibrated_library
     track = tracks_by_name(library)["00.mp3"]
     state = file_state(paths.to_bytes(track.path))
     Library.objects.filter(id=library.id).update(enabled=False)
@@ -208,7 +205,7 @@ def test_a_disabled_library_is_left_alone(calibrated):
     assert file_state(paths.to_bytes(track.path)) == state
 
 
-def test_a_batch_reads_its_tracks_in_one_query(calibrated, django_assert_num_queries):
+def test_a_batch_reads_its_tracks_in_one_query(calibrated_library, django_assert_num_queries):
     held = queue.claim("calibrate", "worker:testhost:calibrate:1", "boot", 10)
     other = queue.enqueue("calibrate", "someone-elses", track_id=held[0].track_id)
     queue.claim("calibrate", "worker:testhost:calibrate:2", "boot", 10)
@@ -220,8 +217,8 @@ def test_a_batch_reads_its_tracks_in_one_query(calibrated, django_assert_num_que
     assert all(t.score.means and t.library.root for t in tracks), "library and scores came along"
 
 
-def test_rows_are_recorded_once_per_batch_before_its_jobs_complete(calibrated):
-    library, row = calibrated
+def test_rows_are_recorded_once_per_batch_before_its_jobs_complete(calibrated_library):
+    library, row = calibrated_library
     held = queue.claim("calibrate", INLINE, "boot", 10)
     worker, versions = RecalibrateWorker(), lambda: set(Track.objects.values_list("calibration_version", flat=True))
     assert [worker.process(job, Context())["written"] for job in held[:2]] == [True, True]
@@ -233,8 +230,8 @@ def test_rows_are_recorded_once_per_batch_before_its_jobs_complete(calibrated):
         assert (track.size, track.mtime_ns) == (st.st_size, st.st_mtime_ns)
 
 
-def test_stopping_mid_batch_records_what_was_written(calibrated):
-    library, row = calibrated
+def test_stopping_mid_batch_records_what_was_written(calibrated_library):
+    library, row = calibrated_library
     held = queue.claim("calibrate", INLINE, "boot", 10)
     worker = RecalibrateWorker()
     worker.process(held[0], Context())
@@ -242,13 +239,13 @@ def test_stopping_mid_batch_records_what_was_written(calibrated):
     assert Track.objects.get(id=held[0].track_id).calibration_version == row.version
 
 
-def test_a_row_made_stale_by_another_recalibrator_is_read_again(calibrated):
-    library, row = calibrated
+def test_a_row_made_stale_by_another_recalibrator_is_read_again(calibrated_library):
+    library, row = calibrated_library
     worker, track = RecalibrateWorker(), tracks_by_name(library)["00.mp3"]
     job = job_for(track, calibration=row.version)
     worker.tracks = {job.id: track}                        # read ahead, before the other worker's write
-    other = cal.LibraryCalibration("cal-elsewhere", row.stats)
-    means, spreads = stored.as_mappings(track.score, cal.LABEL_ORDER)
+    other = calibrated.LibraryCalibration("cal-elsewhere", row.stats)
+    means, spreads = stored.as_mappings(track.score, compute.LABEL_ORDER)
     write_track_tags(Track.objects.select_related("library").get(id=track.id), means, spreads, MODELS, other)
     assert worker.process(job, Context()) == {"written": True, "calibration": row.version}
     track.refresh_from_db()
@@ -256,8 +253,8 @@ def test_a_row_made_stale_by_another_recalibrator_is_read_again(calibrated):
     assert not Job.objects.filter(queue="tag").exists(), "not mistaken for a user's edit"
 
 
-def test_a_changed_file_goes_back_to_the_tagger(calibrated):
-    track = tracks_by_name(calibrated[0])["01.flac"]
+def test_a_changed_file_goes_back_to_the_tagger(calibrated_library):
+    track = tracks_by_name(calibrated_library[0])["01.flac"]
     path = paths.to_bytes(track.path)
     os.utime(path, ns=(track.mtime_ns + 10**9, track.mtime_ns + 10**9))
     result = RecalibrateWorker().process(job_for(track), Context())
@@ -265,8 +262,8 @@ def test_a_changed_file_goes_back_to_the_tagger(calibrated):
     assert Job.objects.filter(queue="tag", key=f"tag:{track.id}", state="queued").exists()
 
 
-def test_a_vanished_file_is_marked_missing(calibrated):
-    track = tracks_by_name(calibrated[0])["02.ogg"]
+def test_a_vanished_file_is_marked_missing(calibrated_library):
+    track = tracks_by_name(calibrated_library[0])["02.ogg"]
     os.unlink(paths.to_bytes(track.path))
     result = RecalibrateWorker().process(job_for(track), Context())
     assert result == {"rescanned": "the file changed since its scan; the track is now missing"}
@@ -275,8 +272,8 @@ def test_a_vanished_file_is_marked_missing(calibrated):
     assert RecalibrateWorker().process(job_for(track), Context()) == {"skipped": "the track is missing, not tagged"}
 
 
-def test_jobs_that_cannot_succeed_fail_for_good(calibrated, tmp_path):
-    library, _ = calibrated
+def test_jobs_that_cannot_succeed_fail_for_good(calibrated_library, tmp_path):
+    library, _ = calibrated_library
     worker, tracks = RecalibrateWorker(), tracks_by_name(library)
     Score.objects.filter(track=tracks["00.mp3"]).delete()
     with pytest.raises(PermanentError, match="no stored scores"):

@@ -18,7 +18,7 @@ import pytest
 from django.conf import settings
 
 from bench.chaos import WORKERS, Chaos, check, decoded_audio, final_scan, make_library, settle, temp_files
-from workers.library import scanner
+from workers.library import scan
 from workers.library.libraries import add_library
 from workers.models import Calibration, Job, Meta
 
@@ -37,7 +37,7 @@ def test_sigkill_chaos_under_supervisord_loses_and_corrupts_nothing(worker_env, 
     files = make_library(root, TRACKS, seconds=(2.0, 3.5))
     before = decoded_audio(files)
     library = add_library("chaos", str(root))
-    scanner.request_scan(library)
+    scan.request_scan(library)
     env = dict(worker_env, EARMARK_MODELS_DIR=str(installed_models_dir), EARMARK_CALIBRATION_MIN_TRACKS="8",
                EARMARK_CALIBRATION_CHECK_SECONDS="1")
     sup = Supervisor(env, tmp_path / "sup", EARMARK_TAGGER_AUTOSTART="true", EARMARK_RECALIBRATOR_AUTOSTART="true",

@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from workers.library import scanner
+from workers.library import scan
 from workers.library.libraries import add_library
 from workers.models import Meta, Track
 
@@ -19,12 +19,12 @@ def test_three_scanners_under_supervisord_scan_a_demo_library_and_stop_cleanly(w
     manage("make_demo_library", demo, "--tracks", 40, "--min-seconds", 1, "--max-seconds", 2, env=worker_env,
            timeout=600)
     library = add_library("demo", str(demo))
-    scanner.request_scan(library)
+    scan.request_scan(library)
     sup = Supervisor(worker_env, tmp_path / "sup", EARMARK_SCANNERS=3).start()
     try:
         sock = os.stat(sup.env["EARMARK_SUPERVISOR_SOCKET"])
         assert stat.S_IMODE(sock.st_mode) == 0o700
-        wait_for(lambda: scanner.progress(library).get("state") == "done", timeout=120, message="the scan to finish")
+        wait_for(lambda: scan.progress(library).get("state") == "done", timeout=120, message="the scan to finish")
         assert Track.objects.filter(library=library, state="scanned").count() == 40
         rows = lambda: sorted(Meta.objects.filter(key__startswith="worker:testhost:scan:").values_list("key", flat=True))
         wait_for(lambda: len(rows()) == 3, message="three scanner rows")

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from workers.library import scanner
+from workers.library import scan
 from workers.library.libraries import add_library
 from workers.models import Job, Meta, Track
-from workers.tagfiles.safewrite import TEMP_PREFIX
+from workers.tagfiles.tempfiles import TEMP_PREFIX
 
 from tests.audio_factory import make_file
 from tests.conftest import drain_scans, wait_for
@@ -42,7 +42,7 @@ def test_a_file_that_kills_its_worker_is_quarantined_and_never_blocks_the_queue(
             for i, fmt in enumerate(["mp3", "flac", "ogg", "wav", "m4a", "opus"])]
     poison_bytes = {p: p.read_bytes() for p in poison}
     library = add_library("music", str(root))
-    scanner.request_scan(library)
+    scan.request_scan(library)
     assert drain_scans() == []
     assert Track.objects.filter(state="scanned").count() == len(poison) + len(good)
     # The worst place for them: the head of the queue, where every claim looks first.
@@ -91,6 +91,6 @@ def test_a_file_that_kills_its_worker_is_quarantined_and_never_blocks_the_queue(
     assert not list(Path(root).rglob(f"{TEMP_PREFIX}*"))
     assert not Meta.objects.filter(key__startswith="worker:").exists(), "stopped workers removed their rows"
     # A rescan does not feed the poison files to the taggers again (their tracks failed with the reason).
-    scanner.request_scan(library)
+    scan.request_scan(library)
     assert drain_scans() == []
     assert not Job.objects.filter(queue="tag", state="queued").exists()

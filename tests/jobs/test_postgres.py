@@ -29,7 +29,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from workers.jobs import dialect, queue, registry
-from workers.library import scanner
+from workers.library import scan
 from workers.live.broker import Broker
 from workers.library.libraries import add_library
 from workers.models import Job, Meta, Track
@@ -327,7 +327,7 @@ def test_two_hosts_share_one_database_and_a_dead_hosts_jobs_come_back(worker_env
         dashboard = LiveState(client, "workers")
         dashboard.until(lambda s: set(s) == both["host-a"] | both["host-b"], timeout=10)
 
-        scanner.request_scan(library)
+        scan.request_scan(library)
         on_a = Job.objects.filter(queue="scan", state="running", claimed_by__startswith="worker:host-a:")
         wait_for(on_a.exists, timeout=60, interval=0.005, message="host-a holding a scan job")
         _kill_host(hosts["host-a"].proc.pid)
@@ -340,7 +340,7 @@ def test_two_hosts_share_one_database_and_a_dead_hosts_jobs_come_back(worker_env
                  message="host-a's jobs done by host-b")
         assert time.monotonic() - killed <= settings.EARMARK_HEARTBEAT_TIMEOUT + 1
         dashboard.until(lambda s: set(s) == both["host-b"], timeout=10)
-        wait_for(lambda: scanner.progress(library).get("state") == "done", timeout=120, message="the scan")
+        wait_for(lambda: scan.progress(library).get("state") == "done", timeout=120, message="the scan")
         assert Track.objects.filter(library=library, state="scanned").count() == files
         assert {w["host"] for w in registry.live_workers()} == {"host-b"}
     finally:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from workers.library import scanner
+from workers.library import scan
 from workers.library.libraries import add_library
 from workers.models import Job, Meta, Track
-from workers.tagfiles.safewrite import TEMP_PREFIX
+from workers.tagfiles.tempfiles import TEMP_PREFIX
 from workers.tagfiles.namespace import read_earmark_tags
 
 from tests.audio_factory import make_file, tone
@@ -49,7 +49,7 @@ def test_stop_taggers_mid_tagging_finishes_or_releases_and_leaves_nothing(worker
              for i, fmt in enumerate(["mp3", "flac", "ogg", "m4a", "wav", "opus", "mp3", "flac"])]
     before = {p: digest(p) for p in [long_file, *short]}
     library = add_library("music", str(root))
-    scanner.request_scan(library)
+    scan.request_scan(library)
     assert drain_scans() == []
     long_job = Job.objects.get(queue="tag", track__path=str(long_file))
     Job.objects.filter(id=long_job.id).update(priority=1)  # the first claim takes it

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from workers.library import scanner
+from workers.library import scan
 from workers.library.libraries import add_library
 from workers.models import Job, Track
-from workers.tagfiles.safewrite import TEMP_PREFIX
+from workers.tagfiles.tempfiles import TEMP_PREFIX
 from workers.tagfiles.namespace import read_earmark_tags
 
 from tests.audio_factory import (make_corrupt_id3_mp3, make_empty, make_file, make_id3_only, make_image_as_audio,
@@ -106,8 +106,8 @@ def test_every_kind_of_bad_file_fails_with_a_reason_and_the_good_ones_are_tagged
     workers = [spawn("run_scanner", "--number", n, env=env) for n in (1, 2)]
     workers += [spawn("run_tagger", "--number", n, env=env) for n in (1, 2)]
     try:
-        scanner.request_scan(library)
-        wait_for(lambda: scanner.progress(library).get("state") == "done", timeout=60, message="the scan")
+        scan.request_scan(library)
+        wait_for(lambda: scan.progress(library).get("state") == "done", timeout=60, message="the scan")
         wait_for(lambda: Job.objects.filter(queue="tag").exists()
                  and not Job.objects.filter(queue="tag", state__in=Job.ACTIVE_STATES).exists(),
                  timeout=120, interval=0.3, message="every tag job finished")

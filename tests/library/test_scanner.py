@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.library import paths, scanner
+from workers.library import folders, paths, scan
 from workers.jobs import queue
 from workers.models import Job, Library, Track
 
@@ -19,8 +19,8 @@ from tests.audio_factory import make_corrupt_id3_mp3, make_file, make_id3_only, 
 
 pytestmark = pytest.mark.django_db
 
-def scan(lib, full=False):
-    scanner.request_scan(lib, full=full)
+def scan_library(lib, full=False):
+    scan.request_scan(lib, full=full)
     return drain()
 
 
@@ -46,14 +46,14 @@ def test_first_scan_reads_formats_and_tags_and_queues_tag_jobs(library):
         make_file(root / "Artist" / "Album", fmt, seconds=1.5, tags={"title": f"Song {i}", "artist": "Artist"},
                   name=f"{i:02d}.{fmt}")
     (root / "Artist" / "cover.jpg").write_bytes(b"not audio, not an audio extension")
-    assert scan(library) == []
+    assert scan_library(library) == []
     tracks = Track.objects.filter(library=library)
     assert tracks.count() == 6 and {t.state for t in tracks} == {"scanned"}
     t = tracks.get(format="flac")
     assert t.title == "Song 1" and t.artist == "Artist" and t.channels == 2 and t.sample_rate == 44100
     assert 1.3 < t.duration < 1.7 and t.size == os.path.getsize(paths.to_bytes(t.path))
     assert Job.objects.filter(queue="tag", state="queued").count() == 6
-    progress = scanner.progress(library)
+    progress = scan.progress(library)
     assert progress["state"] == "done" and progress["files_seen"] == 6 and progress["new"] == 6
     assert progress["folders_done"] == progress["folders_total"] == 3
 
@@ -62,20 +62,20 @@ def test_rescan_is_incremental(library, monkeypatch):
     root = root_of(library)
     a = make_file(root, "mp3", seconds=1, name="a.mp3")
     make_file(root, "flac", seconds=1, name="b.flac")
-    scan(library)
+    scan_library(library)
     Job.objects.filter(queue="tag").update(state="done")
-    Track.objects.update(state="tagged", model_version=scanner.current_model_version() or "")  # as tagged
+    Track.objects.update(state="tagged", model_version=folders.current_model_version() or "")  # as tagged
     read = []
-    real_read = scanner.fileinfo.read
-    monkeypatch.setattr(scanner.fileinfo, "read", lambda p: read.append(p) or real_read(p))
-    scan(library)
+    real_read = folders.fileinfo.read
+    monkeypatch.setattr(folders.fileinfo, "read", lambda p: read.append(p) or real_read(p))
+    scan_library(library)
     assert read == [], "unchanged files are not re-read"
     assert not Job.objects.filter(queue="tag", state="queued").exists()
     make_file(root, "mp3", seconds=2, name="a.mp3", seed=3)  # changed content, size and mtime
-    scan(library)
+    scan_library(library)
     assert read == [os.fsencode(a)]
     assert Job.objects.filter(queue="tag", state="queued", track__path=str(a)).count() == 1
-    scan(library, full=True)
+    scan_library(library, full=True)
     assert len(read) == 3, "--full re-reads everything"
     b = Track.objects.get(path__endswith="b.flac")
     assert b.state == "tagged", "an unchanged tagged file keeps its tags: --full does not re-run the networks"
@@ -84,8 +84,8 @@ def test_rescan_is_incremental(library, monkeypatch):
 
 def test_tag_jobs_are_deduplicated(library):
     make_file(root_of(library), "mp3", seconds=1, name="a.mp3")
-    scan(library)
-    scan(library, full=True)
+    scan_library(library)
+    scan_library(library, full=True)
     assert Job.objects.filter(queue="tag").count() == 1
 
 
@@ -94,13 +94,13 @@ def test_removed_files_and_folders_become_missing(library):
     make_file(root / "keep", "mp3", seconds=1, name="k.mp3")
     make_file(root / "keep", "mp3", seconds=1, name="gone.mp3")
     make_file(root / "gone-folder" / "deep", "flac", seconds=1, name="d.flac")
-    scan(library)
+    scan_library(library)
     (root / "keep" / "gone.mp3").unlink()
     shutil.rmtree(root / "gone-folder")
-    scan(library)
+    scan_library(library)
     assert states(library) == {"k.mp3": "scanned", "gone.mp3": "missing", "d.flac": "missing"}
     make_file(root / "keep", "mp3", seconds=1, name="gone.mp3")
-    scan(library)
+    scan_library(library)
     assert states(library)["gone.mp3"] == "scanned", "a file that comes back is scanned again"
 
 
@@ -108,11 +108,11 @@ def test_removed_files_and_folders_become_missing(library):
 def test_missing_or_empty_root_fails_and_marks_nothing(library, how):
     root = root_of(library)
     make_file(root / "a", "mp3", seconds=1, name="x.mp3")
-    scan(library)
+    scan_library(library)
     shutil.rmtree(root)
     if how == "emptied":
         root.mkdir()
-    [failed] = scan(library)
+    [failed] = scan_library(library)
     assert "is the drive mounted" in failed.last_error and "Nothing was marked missing" in failed.last_error
     assert states(library) == {"x.mp3": "scanned"}
     library.refresh_from_db()
@@ -123,8 +123,8 @@ def test_root_vanishing_mid_scan_marks_nothing(library):
     root = root_of(library)
     make_file(root / "a", "mp3", seconds=1, name="x.mp3")
     make_file(root / "b", "mp3", seconds=1, name="y.mp3")
-    scan(library)
-    scanner.request_scan(library)
+    scan_library(library)
+    scan.request_scan(library)
     drain(limit=1)  # only the library job: it fans out to the root folder
     shutil.rmtree(root)  # the NAS unmounts after the scan started
     failed = drain()
@@ -141,7 +141,7 @@ def test_bad_files_fail_with_reasons_and_good_files_still_scan(library):
     make_id3_only(root, "tag-only.mp3")
     make_corrupt_id3_mp3(root, name="corrupt-id3.mp3")
     (root / "notes.ogg").write_text("these are my notes, not audio")
-    assert scan(library) == []
+    assert scan_library(library) == []
     tracks = {Path(t.path).name: t for t in Track.objects.filter(library=library)}
     assert tracks["good.mp3"].state == "scanned"
     assert tracks["empty.mp3"].error == "empty file (0 bytes)"
@@ -155,7 +155,7 @@ def test_bad_files_fail_with_reasons_and_good_files_still_scan(library):
 def test_a_directory_named_like_a_file_is_a_folder(library):
     root = root_of(library)
     make_file(root / "x.mp3", "flac", seconds=1, name="inside.flac")
-    scan(library)
+    scan_library(library)
     assert states(library) == {"inside.flac": "scanned"}
 
 
@@ -169,7 +169,7 @@ def test_symlinks_outside_root_are_not_followed_and_loops_do_not_hang(library, t
     os.symlink(root, root / "real" / "loop")
     os.symlink(root / "nowhere.mp3", root / "broken.mp3")
     os.symlink(root / "real" / "in.mp3", root / "alias.mp3")
-    assert scan(library) == []
+    assert scan_library(library) == []
     s = states(library)
     assert s["in.mp3"] == "scanned" and s["alias.mp3"] == "scanned"
     assert s["escape.mp3"] == "failed" and s["broken.mp3"] == "failed"
@@ -184,7 +184,7 @@ def test_odd_names_are_scanned_like_any_other(library):
     names = ["Café del Mar – Ñandú.mp3".encode(), b"new\nline.mp3", b"latin1-\xe9t\xe9.mp3", b"back\\slash.mp3"]
     for name in names:
         shutil.copy(src, os.path.join(root, name))
-    assert scan(library) == []
+    assert scan_library(library) == []
     for name in names:
         track = Track.objects.get(path=paths.to_text(os.path.join(root, name)))
         assert track.state == "scanned", name
@@ -195,15 +195,15 @@ def test_vanished_file_is_recorded_not_fatal(library, monkeypatch):
     root = root_of(library)
     make_file(root, "mp3", seconds=1, name="a.mp3")
     make_file(root, "mp3", seconds=1, name="b.mp3")
-    real_read = scanner.fileinfo.read
+    real_read = folders.fileinfo.read
 
     def vanish(path):
         if path.endswith(b"a.mp3"):
             os.unlink(path)
         return real_read(path)
 
-    monkeypatch.setattr(scanner.fileinfo, "read", vanish)
-    assert scan(library) == []
+    monkeypatch.setattr(folders.fileinfo, "read", vanish)
+    assert scan_library(library) == []
     tracks = {Path(t.path).name: t for t in Track.objects.filter(library=library)}
     assert tracks["a.mp3"].state == "failed" and "vanished" in tracks["a.mp3"].error
     assert tracks["b.mp3"].state == "scanned"
@@ -212,7 +212,7 @@ def test_vanished_file_is_recorded_not_fatal(library, monkeypatch):
 def test_unreadable_folder_keeps_its_tracks(library):
     root = root_of(library)
     make_file(root / "locked", "mp3", seconds=1, name="l.mp3")
-    scan(library)
+    scan_library(library)
     real_scandir = os.scandir
 
     def deny(path):
@@ -220,13 +220,13 @@ def test_unreadable_folder_keeps_its_tracks(library):
             raise PermissionError(13, "Permission denied")
         return real_scandir(path)
 
-    scanner.os.scandir = deny
+    folders.os.scandir = deny
     try:
-        assert scan(library) == []
+        assert scan_library(library) == []
     finally:
-        scanner.os.scandir = real_scandir
+        folders.os.scandir = real_scandir
     assert states(library) == {"l.mp3": "scanned"}
-    assert "cannot list" in scanner.progress(library)["errors"][0]
+    assert "cannot list" in scan.progress(library)["errors"][0]
 
 
 def test_a_scan_whose_folder_job_failed_for_good_is_failed_by_maintenance(library):
@@ -235,22 +235,22 @@ def test_a_scan_whose_folder_job_failed_for_good_is_failed_by_maintenance(librar
     root = root_of(library)
     make_file(root / "A", "mp3", seconds=1, name="a.mp3")
     make_file(root / "B", "flac", seconds=1, name="b.flac")
-    assert scan(library) == []
+    assert scan_library(library) == []
     make_file(root / "A", "ogg", seconds=1, name="new.ogg")
-    scanner.request_scan(library)
+    scan.request_scan(library)
     drain(limit=1)  # the library job: the scan is running, its root folder job queued
-    assert maintenance.run_once().scans_failed == 0, "a scan with work left is left alone"
-    assert scanner.progress(library)["state"] == "running"
+    assert maintenance.run_once().services["scans_failed"] == 0, "a scan with work left is left alone"
+    assert scan.progress(library)["state"] == "running"
     # The folder job killed its scanner three times and was quarantined (as the rescuer does it).
     Job.objects.filter(queue="scan", state="queued").update(state="failed",
                                                              last_error="worker died 3 times on this job")
-    assert maintenance.run_once().scans_failed == 1
-    progress = scanner.progress(library)
+    assert maintenance.run_once().services["scans_failed"] == 1
+    progress = scan.progress(library)
     assert progress["state"] == "failed" and "worker died 3 times on this job" in progress["error"]
     library.refresh_from_db()
     assert "nothing was marked missing" in library.last_scan_error
     assert set(states(library).values()) == {"scanned"} and "new.ogg" not in states(library)
-    assert maintenance.run_once().scans_failed == 0, "failed once"
-    scan(library)
-    assert scanner.progress(library)["state"] == "done", "the next scan runs as usual"
+    assert maintenance.run_once().services["scans_failed"] == 0, "failed once"
+    scan_library(library)
+    assert scan.progress(library)["state"] == "done", "the next scan runs as usual"
     assert "new.ogg" in states(library)

@@ -38,7 +38,7 @@ SLOW_SCANNER = """
 import os, sys, time
 import django
 django.setup()
-from workers import fileinfo
+from workers.library import fileinfo
 _read = fileinfo.read
 def slow_read(path):
     time.sleep(float(os.environ["SLOW_READ_SECONDS"]))

@@ -34,12 +34,12 @@ from django.db import connection
 from django.test import Client, RequestFactory
 from django.urls import reverse
 
-from workers.calibration import compute as calibration
+from workers.calibration import compute
 from workers.jobs import queue
-from workers.library import scanner
+from workers.library import scan
 from workers.library.libraries import add_library
 from workers.models import Calibration, Job, Library, Meta, Track
-from workers.tagfiles.safewrite import TEMP_PREFIX
+from workers.tagfiles.tempfiles import TEMP_PREFIX
 from workers.tagfiles.namespace import read_earmark_tags
 
 from tests.audio_factory import make_file
@@ -167,7 +167,7 @@ def test_nothing_outside_a_library_root_is_read_or_written(worker_env, tmp_path,
                                                 ("b", "mp3")])}
     (root / "a linked folder").symlink_to(outside)  # a directory link out of the root: never followed
     library = add_library("music", str(root))
-    scanner.request_scan(library)
+    scan.request_scan(library)
     assert drain_scans() == []
     assert not Track.objects.filter(path__contains=str(outside)).exists(), "the linked folder was not followed"
     # After the scan, a file is swapped for a link out of the root; and a track row names an outside
@@ -193,7 +193,7 @@ def test_nothing_outside_a_library_root_is_read_or_written(worker_env, tmp_path,
     before[targets["b"]] = _fingerprint(targets["b"])
     later_link.unlink()
     later_link.symlink_to(targets["b"])
-    result = calibration.recalibrate(min_count=1)
+    result = compute.recalibrate(min_count=1)
     assert result.jobs == 2
     out = manage("run_recalibrator", "--exit-when-idle", env=env, timeout=120)
     job = Job.objects.get(queue="calibrate", track__path=str(later_link))
@@ -249,8 +249,8 @@ def test_supervisor_socket_is_private_and_no_secret_reaches_any_log(worker_env, 
     try:
         sock = Path(sup.env["EARMARK_SUPERVISOR_SOCKET"])
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o700
-        scanner.request_scan(library)
-        wait_for(lambda: scanner.progress(library).get("state") == "done", timeout=60, message="a scan")
+        scan.request_scan(library)
+        wait_for(lambda: scan.progress(library).get("state") == "done", timeout=60, message="a scan")
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: _get(base + "/admin/login/") == 200, timeout=30, message="the web process")
         # What a visitor can make the web process do: pages, a refused stream, a failed login, a 404, a bad host.

@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from workers.calibration import compute as calibration
-from workers.library import scanner
+from workers.calibration import compute
+from workers.library import scan
 from workers.library.libraries import add_library
 from workers.models import Job, Library, Track
-from workers.tagfiles.safewrite import TEMP_PREFIX
+from workers.tagfiles.tempfiles import TEMP_PREFIX
 from workers.tagfiles.namespace import read_earmark_tags
 
 from tests.audio_factory import make_file
@@ -113,7 +113,7 @@ def test_full_disk_and_read_only_media_leave_files_intact_and_retry_later(worker
                       tags={"title": f"Song {i}", "artist": "Someone"})
     full_lib, ro_lib = add_library("full", str(full.path)), add_library("readonly", str(readonly.path))
     for library in (full_lib, ro_lib):
-        scanner.request_scan(library)
+        scan.request_scan(library)
     readonly.remount("ro")  # scanning a read-only library is fine: nothing is written
     assert drain_scans() == []
     assert Track.objects.filter(state="scanned").count() == 8
@@ -144,7 +144,7 @@ def test_full_disk_and_read_only_media_leave_files_intact_and_retry_later(worker
     filler = full.fill()
     readonly.remount("ro")
     before = {**digests(full.path), **digests(readonly.path)}
-    result = calibration.recalibrate(min_count=1)
+    result = compute.recalibrate(min_count=1)
     assert result.jobs == 8
     manage("run_recalibrator", "--exit-when-idle", env=env, timeout=120)
     assert_retried_with("calibrate", [full_lib], "no space left on device")
@@ -191,7 +191,7 @@ def test_an_unmounted_library_never_marks_tracks_missing_or_deletes_anything(wor
     bind_mount(disk, root)
     try:
         library = add_library("nas", str(root))
-        scanner.request_scan(library)
+        scan.request_scan(library)
         manage("run_scanner", "--exit-when-idle", env=worker_env, timeout=60)
         assert Track.objects.filter(library=library, state="scanned").count() == 7
         Track.objects.filter(library=library, path__endswith=".mp3").update(state="tagged")  # some tagged too
@@ -205,13 +205,13 @@ def test_an_unmounted_library_never_marks_tracks_missing_or_deletes_anything(wor
 
         # Between scans: unmounted (an empty mount point), then gone altogether.
         unmount(root)
-        scanner.request_scan(library)
+        scan.request_scan(library)
         manage("run_scanner", "--exit-when-idle", env=worker_env, timeout=60)
         job = Job.objects.filter(queue="scan", state="failed").latest("id")
         assert "is empty but nas has tracks there; is the drive mounted? Nothing was marked missing." in job.last_error
         assert_nothing_lost("unmounted between scans")
         root.rmdir()
-        scanner.request_scan(library, full=True)
+        scan.request_scan(library, full=True)
         manage("run_scanner", "--exit-when-idle", env=worker_env, timeout=60)
         assert "cannot be read" in Job.objects.filter(queue="scan", state="failed").latest("id").last_error
         assert_nothing_lost("mount point removed between scans")
@@ -220,20 +220,20 @@ def test_an_unmounted_library_never_marks_tracks_missing_or_deletes_anything(wor
 
         # Mid-scan: the scan starts on the mounted library, then the drive goes away.
         bind_mount(disk, root)
-        scanner.request_scan(library, full=True)
+        scan.request_scan(library, full=True)
         drain_scans(limit=1)  # the library job: the root was there, the scan has begun
         assert Job.objects.filter(queue="scan", key=f"library:{library.id}").latest("id").state == "done"
         assert Job.objects.filter(queue="scan", state="queued", payload__kind="folder").exists()
         unmount(root)
         manage("run_scanner", "--exit-when-idle", env=worker_env, timeout=60)
         assert_nothing_lost("unmounted in the middle of a scan")
-        assert scanner.progress(library)["state"] == "failed"
+        assert scan.progress(library)["state"] == "failed"
 
         # Back again: an ordinary scan finds everything as it was.
         bind_mount(disk, root)
-        scanner.request_scan(library)
+        scan.request_scan(library)
         manage("run_scanner", "--exit-when-idle", env=worker_env, timeout=60)
-        assert scanner.progress(library)["state"] == "done"
+        assert scan.progress(library)["state"] == "done"
         assert_nothing_lost("mounted again")
     finally:
         subprocess.run(["umount", str(root)], capture_output=True)

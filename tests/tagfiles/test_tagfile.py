@@ -22,7 +22,7 @@ from mutagen.id3 import APIC, COMM, TXXX
 from mutagen.mp4 import MP4, MP4Cover, MP4FreeForm
 
 from tests.audio_factory import id3_header, make_file, png_bytes
-from workers.tagfiles import safewrite, namespace as tagfile
+from workers.tagfiles import namespace as tagfile, safewrite, tempfiles, verify
 from workers.audio.decode import decode
 from workers.tagfiles.safewrite import FileChangedError, TagWriteError, safe_write_tags
 from workers.tagging.categories import LABELS
@@ -110,7 +110,7 @@ def sha(path: Path) -> str:
 
 
 def temp_files(directory: Path) -> list[str]:
-    return [p.name for p in directory.iterdir() if p.name.startswith(safewrite.TEMP_PREFIX)]
+    return [p.name for p in directory.iterdir() if p.name.startswith(tempfiles.TEMP_PREFIX)]
 
 
 def write(path: Path, fields=FIELDS, **kwargs):
@@ -212,7 +212,7 @@ def test_files_without_id3_get_v24(tmp_path, fmt):
     path = make_file(tmp_path, fmt, seconds=1.0)
     data = path.read_bytes()
     if data.startswith(b"ID3"):  # FFmpeg's MP3 muxer writes an empty tag: strip it
-        path.write_bytes(data[safewrite._id3v2_size(data[:10]):])
+        path.write_bytes(data[verify._id3v2_size(data[:10]):])
     assert tagfile.read_id3_version(path) is None
     samples = decoded(path)
     write(path, MINIMAL)
@@ -388,14 +388,14 @@ def test_bad_fields_are_refused_before_touching_anything(tmp_path):
 
 
 def test_stale_temp_files_are_cleaned(tmp_path):
-    old = tmp_path / f"{safewrite.TEMP_PREFIX}abc.flac"
-    new = tmp_path / f"{safewrite.TEMP_PREFIX}def.flac"
+    old = tmp_path / f"{tempfiles.TEMP_PREFIX}abc.flac"
+    new = tmp_path / f"{tempfiles.TEMP_PREFIX}def.flac"
     mine = tmp_path / "song.flac"
     for p in (old, new, mine):
         p.write_bytes(b"x")
     os.utime(old, (1, 1))
     os.utime(mine, (1, 1))
-    assert safewrite.remove_stale_temp_files(tmp_path, older_than=3600) == 1
+    assert tempfiles.remove_stale_temp_files(tmp_path, older_than=3600) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([new.name, mine.name])
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 
-from workers.tagging import install, musicnn
+from workers.tagging import install, loading, musicnn
 
 
 EXPECTED_FILES = {f"{n}.safetensors" for n in musicnn.MODEL_NAMES} | {"labels.json", "LICENSE", "manifest.json"}
@@ -72,7 +72,7 @@ def test_installed_contents(installed_models_dir):
     assert manifest["source"]["version"] == "0.1.0"
     for name in musicnn.MODEL_NAMES:
         entry = manifest["models"][name]
-        assert entry["version"] == musicnn.model_version(name, installed_models_dir)
+        assert entry["version"] == loading.model_version(name, installed_models_dir)
         assert entry["sha256"] == install.sha256_file(installed_models_dir / entry["file"])
     labels = json.loads((installed_models_dir / "labels.json").read_text())
     assert len(labels["mtt"]) == len(labels["msd"]) == 50

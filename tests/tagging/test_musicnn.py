@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from workers.tagging import checkpoint, frontend, labels, musicnn
+from workers.tagging import checkpoint, frontend, labels, loading, musicnn
+from workers.tagging import fast as fast_forms
 
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "musicnn_parity"
@@ -149,8 +150,8 @@ def test_patches_cut_and_repeat_pad():
 
 @pytest.mark.parametrize("name", musicnn.MODEL_NAMES)
 def test_parity_with_tensorflow(installed_models_dir, reference, name):
-    fast = musicnn.load(name, models_dir=installed_models_dir)
-    ref = musicnn.load(name, models_dir=installed_models_dir, reference=True)
+    fast = loading.load(name, models_dir=installed_models_dir)
+    ref = loading.load(name, models_dir=installed_models_dir, reference=True)
     assert _max_error(fast, reference, name) < TOLERANCE
     assert _max_error(ref, reference, name) < TOLERANCE
 
@@ -159,9 +160,9 @@ def test_parity_with_tensorflow(installed_models_dir, reference, name):
 def test_plain_conv_path_matches(installed_models_dir, reference, name):
     # The oneDNN-layout convolution is a CPU speed-up; the portable path (used on
     # GPUs or if oneDNN refuses) must compute the same function.
-    model = musicnn.load(name, models_dir=installed_models_dir)
+    model = loading.load(name, models_dir=installed_models_dir)
     for module in model.modules():
-        if isinstance(module, musicnn.PooledConv):
+        if isinstance(module, fast_forms.PooledConv):
             module.use_mkldnn = False
     assert _max_error(model, reference, name) < TOLERANCE
 
@@ -169,11 +170,11 @@ def test_plain_conv_path_matches(installed_models_dir, reference, name):
 @pytest.mark.parametrize("name", musicnn.MUSICNN_NAMES)
 def test_gpu_conv_paths_match(installed_models_dir, reference, name):
     # The CUDA paths (unfold + GEMM front end, mid-end as shifted GEMMs) forced on the CPU.
-    model = musicnn.load(name, models_dir=installed_models_dir)
+    model = loading.load(name, models_dir=installed_models_dir)
     for module in model.modules():
-        if isinstance(module, musicnn.PooledConv):
+        if isinstance(module, fast_forms.PooledConv):
             module.use_mkldnn, module.use_gemm, module.GEMM_CHUNK = False, True, 3
-        if isinstance(module, musicnn.FastMusicnn):
+        if isinstance(module, fast_forms.FastMusicnn):
             module.midend_matmul = True
     assert _max_error(model, reference, name) < TOLERANCE
 
@@ -181,11 +182,11 @@ def test_gpu_conv_paths_match(installed_models_dir, reference, name):
 def test_conv1d_by_matmul():
     x, w, b = torch.randn(2, 5, 11), torch.randn(4, 5, 7), torch.randn(4)
     expected = torch.nn.functional.conv1d(x, w, b, padding=3)
-    assert torch.allclose(musicnn.conv1d_by_matmul(x, w.permute(2, 0, 1).contiguous(), b, 3), expected, atol=1e-5)
+    assert torch.allclose(fast_forms.conv1d_by_matmul(x, w.permute(2, 0, 1).contiguous(), b, 3), expected, atol=1e-5)
 
 
 def test_single_patch_equals_batch(installed_models_dir, reference):
-    model = musicnn.load("MSD_musicnn", models_dir=installed_models_dir)
+    model = loading.load("MSD_musicnn", models_dir=installed_models_dir)
     x = torch.from_numpy(reference["input/techno"])
     with torch.inference_mode():
         batched = model(x)
@@ -194,18 +195,18 @@ def test_single_patch_equals_batch(installed_models_dir, reference):
 
 
 def test_model_version_is_stable(installed_models_dir):
-    version = musicnn.model_version("MTT_musicnn", installed_models_dir)
+    version = loading.model_version("MTT_musicnn", installed_models_dir)
     name, digest = version.split("@")
     assert name == "MTT_musicnn" and len(digest) == 8
-    assert version == musicnn.model_version("MTT_musicnn", installed_models_dir)
-    assert version != musicnn.model_version("MSD_musicnn", installed_models_dir)
+    assert version == loading.model_version("MTT_musicnn", installed_models_dir)
+    assert version != loading.model_version("MSD_musicnn", installed_models_dir)
 
 
 def test_load_unknown_or_missing(tmp_path):
     with pytest.raises(ValueError, match="unknown musicnn model"):
-        musicnn.load("MTT_resnet", models_dir=tmp_path)
+        loading.load("MTT_resnet", models_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="install_models"):
-        musicnn.load("MTT_musicnn", models_dir=tmp_path)
+        loading.load("MTT_musicnn", models_dir=tmp_path)
 
 
 def test_pair_scores_and_labels(musicnn_pair, installed_models_dir, reference):

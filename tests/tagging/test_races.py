@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from django.utils import timezone
 
-from workers.library import scanner
+from workers.library import scan
 from workers.audio.decode import decode
 from workers.library.libraries import add_library
 from workers.models import Job, Track
-from workers.tagfiles.safewrite import TEMP_PREFIX
+from workers.tagfiles.tempfiles import TEMP_PREFIX
 from workers.tagfiles.namespace import read_earmark_tags
 
 from tests.audio_factory import make_file, read_user_tags, tone
@@ -43,8 +43,8 @@ def edit_title(path: Path, title: str) -> None:
     audio.save()
 
 
-def scan(library) -> None:
-    scanner.request_scan(library)
+def scan_library(library) -> None:
+    scan.request_scan(library)
     assert drain_scans() == []
 
 
@@ -68,7 +68,7 @@ def test_files_changed_moved_or_deleted_after_the_scan_are_rescanned_or_missing(
         for i, (name, fmt) in enumerate([("edited", "mp3"), ("replaced", "flac"), ("moved", "ogg"),
                                          ("deleted", "m4a"), ("control", "mp3")]))
     library = add_library("music", str(root))
-    scan(library)
+    scan_library(library)
     assert Track.objects.filter(state="scanned").count() == 5
 
     # Between the scan and the tagger: the person edits, re-rips, moves and deletes.
@@ -102,7 +102,7 @@ def test_files_changed_moved_or_deleted_after_the_scan_are_rescanned_or_missing(
     assert set(Job.objects.filter(queue="tag").values_list("state", flat=True)) == {"done"}
 
     # The next scan finds the moved file at its new place, as a new track to tag.
-    scan(library)
+    scan_library(library)
     assert Track.objects.get(path=str(new_home)).state == "scanned"
     assert Job.objects.filter(queue="tag", state="queued", track__path=str(new_home)).exists()
     assert not list(root.rglob(f"{TEMP_PREFIX}*"))
@@ -115,7 +115,7 @@ def test_files_changed_moved_or_deleted_while_being_tagged_are_never_overwritten
                              sample_rate=16000, name=f"{name}.{fmt}", tags={"title": name})
              for i, (name, fmt) in enumerate([("edited", "flac"), ("moved", "mp3"), ("deleted", "wav")])}
     library = add_library("music", str(root))
-    scan(library)
+    scan_library(library)
     for priority, name in enumerate(["edited", "moved", "deleted"], start=1):  # in this order
         Job.objects.filter(queue="tag", track__path=str(files[name])).update(priority=priority)
     jobs = {name: Job.objects.get(queue="tag", track__path=str(path)).id for name, path in files.items()}

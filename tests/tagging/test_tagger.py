@@ -78,9 +78,9 @@ def run_tag_jobs(worker, limit=None) -> list[Job]:
 
 
 def scan_and_tag(library, worker):
-    from workers.library import scanner
+    from workers.library import scan
 
-    scanner.request_scan(library)
+    scan.request_scan(library)
     assert drain_scans() == []
     return run_tag_jobs(worker)
 
@@ -169,9 +169,9 @@ def test_a_truncated_file_fails_with_its_reason_and_others_are_tagged(library, t
 
 def test_a_file_changed_since_its_scan_is_rescanned_not_overwritten_with_stale_facts(library, tagger, models):
     path = make_file(Path(library.root), "mp3", seconds=4, name="a.mp3")
-    from workers.library import scanner
+    from workers.library import scan
 
-    scanner.request_scan(library)
+    scan.request_scan(library)
     drain_scans()
     make_file(Path(library.root), "mp3", seconds=6, name="a.mp3", seed=9)  # the user replaces the file
     assert run_tag_jobs(tagger) == []
@@ -182,9 +182,9 @@ def test_a_file_changed_since_its_scan_is_rescanned_not_overwritten_with_stale_f
 
 def test_a_vanished_file_becomes_missing(library, tagger, models):
     path = make_file(Path(library.root), "mp3", seconds=4, name="a.mp3")
-    from workers.library import scanner
+    from workers.library import scan
 
-    scanner.request_scan(library)
+    scan.request_scan(library)
     drain_scans()
     path.unlink()
     assert run_tag_jobs(tagger) == []
@@ -239,12 +239,12 @@ def test_batched_scoring_equals_one_file_at_a_time(library, tagger, models):
 def test_new_model_version_makes_tagged_tracks_due_again(library, tagger, models, settings):
     import json
 
-    from workers.library import scanner
+    from workers.library import scan
 
     make_file(Path(library.root), "mp3", seconds=4, name="a.mp3")
     scan_and_tag(library, tagger)
     Job.objects.all().delete()
-    scanner.request_scan(library)
+    scan.request_scan(library)
     drain_scans()
     assert not Job.objects.filter(queue="tag").exists(), "an up-to-date track is not queued again"
     manifest = json.loads((models / "manifest.json").read_text())
@@ -253,7 +253,7 @@ def test_new_model_version_makes_tagged_tracks_due_again(library, tagger, models
     new_dir.mkdir(exist_ok=True)
     (new_dir / "manifest.json").write_text(json.dumps(manifest))
     settings.EARMARK_MODELS_DIR = new_dir
-    scanner.request_scan(library)
+    scan.request_scan(library)
     drain_scans()
     assert Job.objects.filter(queue="tag", state="queued").count() == 1
 
@@ -276,14 +276,14 @@ def test_gpu_mapping_from_process_number():
 
 @pytest.mark.slow
 def test_run_tagger_process_tags_a_library_and_reports_its_device(worker_env, models, tmp_path):
-    from workers.library import scanner
+    from workers.library import scan
     from workers.models import Meta
 
     root = tmp_path / "lib"
     for i, fmt in enumerate(["mp3", "flac", "m4a"]):
         make_file(root / "A", fmt, seconds=4, name=f"{i}.{fmt}" if fmt != "m4a" else f"{i}.m4a", seed=i)
     library = Library.objects.create(name="lib", root=str(root))
-    scanner.request_scan(library)
+    scan.request_scan(library)
     drain_scans()
     env = dict(worker_env, EARMARK_MODELS_DIR=str(models), EARMARK_GPUS="1", EARMARK_WORKER_NUMBER="0")
     proc = spawn("run_tagger", "--device", "cpu", env=env)
@@ -301,7 +301,7 @@ def test_run_tagger_process_tags_a_library_and_reports_its_device(worker_env, mo
 
 def _batching_library(root: Path, count: int) -> Library:
     """``count`` good 4 s files in every format, scanned and queued for tagging."""
-    from workers.library import scanner
+    from workers.library import scan
 
     fmts = ["mp3", "flac", "ogg", "opus", "m4a", "wav", "aiff"]
     for i in range(count):
@@ -309,7 +309,7 @@ def _batching_library(root: Path, count: int) -> Library:
         make_file(root / "A", fmt, seconds=4, name=f"{i:02d}.{'m4a' if fmt == 'm4a' else fmt}", seed=i,
                   tags=USER_TAGS)
     library = Library.objects.get_or_create(name="lib", root=str(root))[0]
-    scanner.request_scan(library)
+    scan.request_scan(library)
     assert drain_scans() == []
     return library
 

@@ -4,6 +4,8 @@ Every page reads the database (never a worker's memory); every action only
 writes rows (queue a job, retry, cancel) for the workers to pick up. Admin
 actions are POSTs through Django's CSRF-protected changelist form. The live
 dashboard itself lives in ``workers.live.views``; the admin index links to it.
+Layer 4 and thin: may import every package below; ``common`` holds what the
+pages share, and no page module imports another (or this package).
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from workers.library import libraries, paths, scanner
+from workers.library import libraries, paths, scan
 from workers.live import plots
 from workers.jobs import queue
+from workers.admin.common import ComputedRows
 from workers.models import Job, Library, Meta, Score, Track
 
 ADMIN_PRIORITY = 60  # work asked for by a person runs before bulk work (scan-queued tags are 100)
@@ -54,16 +57,6 @@ class LibraryForm(forms.ModelForm):
         return libraries.validate_root(self.cleaned_data["root"])
 
 
-class ComputedRows:
-    """Admin for rows the workers compute: shown, never added or edited by hand."""
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-
 @admin.register(Library)
 class LibraryAdmin(admin.ModelAdmin):
     form = LibraryForm
@@ -87,14 +80,14 @@ class LibraryAdmin(admin.ModelAdmin):
 
     @admin.display(description="last scan")
     def scan_status(self, obj):
-        p = scanner.progress(obj)
+        p = scan.progress(obj)
         if not p:
             return "never scanned"
         return f"{p.get('state')}: {p.get('folders_done', 0)}/{p.get('folders_total', 0)} folders, {p.get('files_seen', 0)} files"
 
     @admin.display(description="current scan")
     def scan_progress(self, obj):
-        return _json(scanner.progress(obj)) if obj.pk else "—"
+        return _json(scan.progress(obj)) if obj.pk else "—"
 
     @admin.display(description="tracks per value")
     def distribution(self, obj):
@@ -106,7 +99,7 @@ class LibraryAdmin(admin.ModelAdmin):
                            mark_safe("".join(charts)))  # noqa: S308 - plots escapes every text it draws
 
     def _request_scans(self, request, queryset, full: bool):
-        queued = [lib.name for lib in queryset if scanner.request_scan(lib, full=full, priority=ADMIN_PRIORITY)]
+        queued = [lib.name for lib in queryset if scan.request_scan(lib, full=full, priority=ADMIN_PRIORITY)]
         skipped = queryset.count() - len(queued)
         kind = "full scan" if full else "scan"
         if queued:
@@ -312,5 +305,5 @@ class MetaAdmin(ComputedRows, admin.ModelAdmin):
         return _json(obj.value)
 
 
-# The Calibration admin lives beside the calibration code; importing it registers it.
+# The Calibration page has a module of its own; importing it registers it.
 from workers.admin import calibration as calibration_admin  # noqa: E402,F401

@@ -18,9 +18,10 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from workers.calibration import compute as calibration
+from workers.calibration import auto, compute, transfer
+from workers.tagging import calibrated
 from workers.live import plots
-from workers.admin import ComputedRows
+from workers.admin.common import ComputedRows
 from workers.models import Calibration
 from workers.tagging.categories import LABELS
 
@@ -117,8 +118,8 @@ class CalibrationAdmin(ComputedRows, admin.ModelAdmin):
 
     def _compute(self, request) -> None:
         try:
-            result = calibration.recalibrate()
-        except calibration.NotEnoughTracks as exc:
+            result = compute.recalibrate()
+        except compute.NotEnoughTracks as exc:
             self.message_user(request, f"Not calibrated: {exc}.", messages.WARNING)
             return
         row = result.calibration
@@ -135,7 +136,7 @@ class CalibrationAdmin(ComputedRows, admin.ModelAdmin):
             self.message_user(request, "Select exactly one calibration.", messages.WARNING)
             return
         row = queryset.get()
-        jobs = calibration.activate(row)
+        jobs = compute.activate(row)
         self.message_user(request, f"{row.version} is current; {jobs} track(s) queued for recalibration.",
                           messages.SUCCESS)
 
@@ -145,19 +146,19 @@ class CalibrationAdmin(ComputedRows, admin.ModelAdmin):
             self.message_user(request, "Select exactly one calibration.", messages.WARNING)
             return None
         row = queryset.get()
-        response = HttpResponse(json.dumps(calibration.export_json(row), indent=1), content_type="application/json")
+        response = HttpResponse(json.dumps(transfer.export_json(row), indent=1), content_type="application/json")
         response["Content-Disposition"] = f'attachment; filename="earmark-{row.version}.json"'
         return response
 
 
 def _current_version() -> str | None:
-    pointer = calibration.current_pointer()
+    pointer = calibrated.current_pointer()
     return pointer.get("version") if pointer else None
 
 
 def status_line() -> str:
     """Where the library stands: tagged tracks, the current calibration, when the next one comes."""
-    due = calibration.auto_due()
+    due = auto.auto_due()
     current = (f"current calibration {due.current['version']} over {due.current.get('track_count', 0)} tracks"
                if due.current else "no calibration yet (tags use the uncalibrated thresholds)")
     return (f"{due.tagged} tagged tracks; {current}; the next one is computed automatically at "

@@ -30,13 +30,14 @@ import time
 from django.db import transaction
 from django.db.models import Subquery
 
-from workers.calibration import compute as calibration
-from workers.library import paths, scanner
+from workers.calibration import compute
+from workers.tagging import calibrated
+from workers.library import folders, paths, scan
 from workers.jobs import queue
 from workers.models import Job, Track
 from workers.jobs.queue import ClaimedJob
 from workers.jobs.runtime import Context, PermanentError, Worker
-from workers.tagfiles.safewrite import FileChangedError, TagWriteError
+from workers.tagfiles.errors import FileChangedError, TagWriteError
 from workers.tagging import apply, scores
 from workers.tagging.apply import FileChanged
 
@@ -50,7 +51,7 @@ BATCH_SIZE = 16
 #: remount that the next mount undoes) is retried with backoff, as in the tagger.
 PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
 
-LABELS_DIGEST = scores.labels_digest(calibration.LABEL_ORDER)
+LABELS_DIGEST = scores.labels_digest(compute.LABEL_ORDER)
 
 
 class RecalibrateWorker(Worker):
@@ -80,7 +81,7 @@ class RecalibrateWorker(Worker):
         if track is None:
             raise PermanentError("the track no longer exists")
         ctx.update(file=track.path)
-        target = calibration.current(expect=job.payload.get("calibration"))
+        target = calibrated.current(expect=job.payload.get("calibration"))
         if track.state != Track.State.TAGGED:
             return {"skipped": f"the track is {track.state}, not tagged"}
         if not track.library.enabled:
@@ -147,7 +148,7 @@ class RecalibrateWorker(Worker):
             raise PermanentError("no stored scores for this track; retag it")
         if score.labels_version != LABELS_DIGEST:
             raise PermanentError(f"scores of track {track.id} follow another label list; retag the track")
-        labels = calibration.LABEL_ORDER
+        labels = compute.LABEL_ORDER
         means, spreads = scores.unpack(score.means).tolist(), scores.unpack(score.spreads).tolist()
         if len(means) != len(labels) or len(spreads) != len(labels):
             raise PermanentError(f"scores of track {track.id} are truncated; retag the track")
@@ -158,7 +159,7 @@ class RecalibrateWorker(Worker):
         key = (track.library_id, track.library.root)
         root = self.roots.get(key)
         if root is None:
-            root = self.roots[key] = scanner.resolved_root(track.library)
+            root = self.roots[key] = scan.resolved_root(track.library)
         if not paths.is_within(os.path.realpath(paths.to_bytes(track.path)), root):
             raise PermanentError(f"{track.path} is outside the library root {track.library.root}; not written")
 
@@ -168,7 +169,7 @@ class RecalibrateWorker(Worker):
         state = Track.objects.filter(id=track.id).values_list("state", flat=True).first()
         if state == Track.State.SCANNED:
             queue.enqueue("tag", f"tag:{track.id}", track_id=track.id, library_id=track.library_id,
-                          priority=scanner.TAG_PRIORITY)
+                          priority=folders.TAG_PRIORITY)
             return "the file changed since its scan; queued for tagging"
         return f"the file changed since its scan; the track is now {state}"
 

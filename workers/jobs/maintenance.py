@@ -1,4 +1,8 @@
-"""Periodic upkeep that any worker may run: reap dead workers, rescue their jobs, prune, fail stalled scans.
+"""Periodic upkeep that any worker may run: reap dead workers, rescue their jobs, prune, and the concerns' services.
+
+The queue core knows only its own upkeep. A concern above it (failing a scan
+that stalled, the automatic calibration) registers a service here with
+``register``; each returns how many things it did, reported by name.
 
 Only one process runs it per interval: a conditional UPDATE on one meta row is
 the lock (whoever moves its timestamp forward wins), so many workers do not
@@ -7,7 +11,8 @@ repeat the same scans of the job table.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.conf import settings
@@ -26,7 +31,19 @@ class MaintenanceResult:
     requeued: int = 0
     quarantined: int = 0
     pruned: int = 0
-    scans_failed: int = 0
+    services: dict[str, int] = field(default_factory=dict)  # registered service name -> what it did
+
+
+#: name -> service; filled by ``register`` when the concern's module is imported (``WorkersConfig.ready``).
+SERVICES: dict[str, Callable[[], int]] = {}
+
+
+def register(name: str):
+    """Decorator: run ``fn()`` on every maintenance pass; it returns a count (0: nothing to do)."""
+    def add(fn: Callable[[], int]) -> Callable[[], int]:
+        SERVICES[name] = fn
+        return fn
+    return add
 
 
 def interval() -> float:
@@ -49,13 +66,21 @@ def run_once() -> MaintenanceResult:
     rescued = queue.rescue(timeout)
     result.requeued, result.quarantined = rescued.requeued, rescued.failed
     result.pruned = queue.prune()
-    from workers.library.scanner import fail_stalled_scans  # here: the scanner imports the runtime, which imports this
-
-    result.scans_failed = fail_stalled_scans()
-    if result.reaped or result.requeued or result.quarantined or result.scans_failed:
+    for name, service in SERVICES.items():
+        result.services[name] = _run_service(name, service)
+    if result.reaped or result.requeued or result.quarantined or any(result.services.values()):
         log.info("maintenance: %s", result)
     return result
 
 
 def maybe_run() -> MaintenanceResult | None:
     return run_once() if take_turn() else None
+
+
+def _run_service(name: str, service: Callable[[], int]) -> int:
+    """A failing service is logged and skipped: it must not stop the queue's own upkeep."""
+    try:
+        return int(service() or 0)
+    except Exception:  # noqa: BLE001 - the next pass tries again
+        log.exception("maintenance service %s failed", name)
+        return 0

@@ -2,8 +2,9 @@
 
 Claim a batch, process each job outside any transaction, complete or fail it.
 A heartbeat thread with its own database connection keeps the worker's meta
-row fresh, extends its leases and takes its turn at maintenance, so a long
-model run never makes the worker look dead. SIGTERM/SIGINT finish the current
+row fresh and extends its leases, so a long model run never makes the worker
+look dead; maintenance runs on a third thread with a connection of its own, so
+a slow pass (a recalibration, a lock wait) never delays a heartbeat. SIGTERM/SIGINT finish the current
 job (or release it after a grace period); a second signal releases at once.
 """
 from __future__ import annotations
@@ -92,7 +93,7 @@ class Context:
 
 
 class Heartbeat(threading.Thread):
-    """Writes the meta row, extends leases and runs maintenance, on its own connection."""
+    """Writes the meta row and extends leases, on its own connection, and nothing else."""
 
     MIN_SPACING = 0.2
 
@@ -116,13 +117,36 @@ class Heartbeat(threading.Thread):
         try:
             registry.write(self.identity, self.ctx.status)
             queue.extend_leases(self.identity.key, self.identity.boot_id)
-            maintenance.maybe_run()
         except Exception:  # a busy database must not kill the heartbeat; the next beat retries
             log.exception("heartbeat failed")
 
     def stop(self) -> None:
         self.stop_event.set()
         self.ctx.changed.set()
+        self.join(timeout=10)
+
+
+class Upkeep(threading.Thread):
+    """Takes this process's turn at maintenance every interval, on a connection of its own."""
+
+    def __init__(self):
+        super().__init__(name="maintenance", daemon=True)
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while True:
+                try:
+                    maintenance.maybe_run()
+                except Exception:  # a busy database: the next interval retries
+                    log.exception("maintenance failed")
+                if self.stop_event.wait(maintenance.interval()):
+                    return
+        finally:
+            connections.close_all()
+
+    def stop(self) -> None:
+        self.stop_event.set()
         self.join(timeout=10)
 
 
@@ -176,8 +200,9 @@ class Runner:
         self._install_signals()
         registry.write(self.identity, self.ctx.status)
         queue.rescue_predecessor(self.identity.key, self.identity.boot_id)
-        heartbeat = Heartbeat(self.identity, self.ctx)
+        heartbeat, upkeep = Heartbeat(self.identity, self.ctx), Upkeep()
         heartbeat.start()
+        upkeep.start()
         log.info("%s: started (pid %s, boot %s)", self.identity.key, self.identity.pid, self.identity.boot_id)
         try:
             self.worker.setup(self.ctx)
@@ -188,7 +213,7 @@ class Runner:
             log.info("%s: stopping now (%s)", self.identity.key, stop)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            self._shutdown(heartbeat)
+            self._shutdown(heartbeat, upkeep)
         return 0
 
     def _hold_until_started(self) -> None:
@@ -235,6 +260,10 @@ class Runner:
             log.warning("%s: claim failed (%s); retrying", self.identity.key, exc)
             time.sleep(0.5)
             return []
+        # A job of ours that maintenance rescued (a stale heartbeat) and that this claim took
+        # again is already in hand: the new claim renews its lease for the copy being
+        # processed, and holding it twice would run it twice.
+        jobs = [j for j in jobs if j.id not in self.held]
         self.held += [j.id for j in jobs]
         if prepare and len(jobs) > 1:
             self.worker.prepare(jobs, self.ctx)
@@ -290,7 +319,7 @@ class Runner:
         self.finished, self.results = [], {}
         self.last_flush = time.monotonic()
 
-    def _shutdown(self, heartbeat: Heartbeat) -> None:
+    def _shutdown(self, heartbeat: Heartbeat, upkeep: Upkeep) -> None:
         """Complete what finished, release what did not, remove our row: nothing is left behind."""
         try:
             self._flush(force=True)
@@ -298,6 +327,7 @@ class Runner:
             self.held = []
             self.worker.teardown()
         finally:
+            upkeep.stop()
             heartbeat.stop()
             registry.remove(self.identity)
             close_old_connections()

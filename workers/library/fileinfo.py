@@ -90,7 +90,7 @@ def _unreadable(path: bytes, detail: str) -> str:
     The decoder's own signature check (imported here only: it loads PyAV,
     which a scanner needs just for the rare bad file).
     """
-    from workers.audio.decode import explain_unreadable
+    from workers.audio.diagnose import explain_unreadable
 
     reason = explain_unreadable(path)
     if not detail:

@@ -23,7 +23,7 @@ from django.db import connection
 from django.utils import timezone
 
 from workers.jobs import queue, registry
-from workers.library import scanner
+from workers.library import scan
 from workers.models import Job, Library, Meta
 
 CHANNELS = ("workers", "queues", "jobs")
@@ -191,7 +191,7 @@ def jobs_snapshot() -> Snapshot:
     rows = {m.key: m.value for m in Meta.objects.filter(key__startswith="scan:")}
     state = {}
     for library in Library.objects.order_by("name"):
-        key = scanner.progress_key(library.id)
+        key = scan.progress_key(library.id)
         state[key] = scan_row(library, rows.get(key, {}))
     state["failures"] = recent_failures()
     return Snapshot(state)

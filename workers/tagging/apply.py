@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 from django.utils import timezone
 
-from workers.library import paths, scanner
+from workers.library import folders, paths
 from workers.models import Library, Track
-from workers.tagfiles.safewrite import FileChangedError, TagWriteError, WriteResult, safe_write_tags
+from workers.tagfiles.errors import FileChangedError, TagWriteError, WriteResult
+from workers.tagfiles.safewrite import safe_write_tags
 from workers.tagging.tagset import UNCALIBRATED, TagSet, build_tags
 
 
@@ -79,14 +80,23 @@ def plan(track: Track, means: dict, spreads: dict, model_version: str, calibrati
     return TagWrite(track, tagset, model_version, calibration.version)
 
 
-def write_file_tags(track: Track, means: dict, spreads: dict, model_version: str, calibration=None) -> Written:
-    """``plan`` and write the track's tags into its file; no database work.
+def write_file(write: TagWrite) -> Written:
+    """Write the planned tags into the file; no database work.
 
     Raises ``FileChangedError`` or ``TagWriteError`` from the safe writer.
     """
-    write = plan(track, means, spreads, model_version, calibration)
     args = write.args
     return write.finish(safe_write_tags(*args) if args else None)
+
+
+def write(planned: TagWrite) -> Written:
+    """``write_file``, a failure reported on the track (``raise_write_error``)."""
+    return reported(planned.track, lambda: write_file(planned))
+
+
+def write_file_tags(track: Track, means: dict, spreads: dict, model_version: str, calibration=None) -> Written:
+    """``plan`` then ``write_file``: the recalibrator's one step from stored scores to the file."""
+    return write_file(plan(track, means, spreads, model_version, calibration))
 
 
 def record(track: Track, written: Written) -> None:
@@ -96,7 +106,7 @@ def record(track: Track, written: Written) -> None:
 def raise_write_error(track: Track, exc: Exception):
     """Report a failed ``write_file_tags``: re-scan a changed file (``FileChanged``), note a failed write."""
     if isinstance(exc, FileChangedError):
-        scanner.rescan_track(track)
+        folders.rescan_track(track)
         raise FileChanged(f"the file changed while it was being tagged ({exc.reason}); "
                           "it was re-scanned and will be tagged again") from None
     if isinstance(exc, TagWriteError):
@@ -114,6 +124,6 @@ def reported(track: Track, write) -> Written:
 
 def write_track_tags(track: Track, means: dict, spreads: dict, model_version: str, calibration=None) -> Written:
     """Build and write one track's tags and record them on its row. Raises ``FileChanged``/``TagWriteError``."""
-    written = reported(track, lambda: write_file_tags(track, means, spreads, model_version, calibration))
+    written = write(plan(track, means, spreads, model_version, calibration))
     record(track, written)
     return written

@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from workers.tagging import checkpoint, musicnn
+from workers.tagging import checkpoint, loading, musicnn
 from workers.tagging.labels import LABELS_FILE
 
 MUSICNN_VERSION = "0.1.0"
@@ -250,7 +250,7 @@ def build_manifest(files: dict[str, bytes], wheel_sha256: str) -> dict:
         name: {
             "file": f"{name}.safetensors",
             "sha256": hashes[f"{name}.safetensors"],
-            "version": musicnn.version_string(name, hashes[f"{name}.safetensors"]),
+            "version": loading.version_string(name, hashes[f"{name}.safetensors"]),
             "labels": name.split("_", 1)[0].lower(),
         }
         for name in musicnn.MODEL_NAMES

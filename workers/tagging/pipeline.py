@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from workers.audio.decode import TARGET_SR, DecodeError, iter_decode
-from workers.tagging import frontend, labels, musicnn
+from workers.tagging import frontend, labels, loading
 from workers.tagging.manifest import DEFAULT_MODELS
 
 HOP = frontend.HOP
@@ -56,6 +56,13 @@ class Analysis:
         return (dict(zip(self.labels, map(float, self.means))), dict(zip(self.labels, map(float, self.spreads))))
 
 
+def use_threads(threads: int | None = None) -> int:
+    """Set torch's threads for this process: ``$EARMARK_TORCH_THREADS`` or 1 (one thread per process is fastest)."""
+    threads = threads or int(os.environ.get("EARMARK_TORCH_THREADS", "1"))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def resolve_device(device: str = "auto") -> str:
     """``auto`` means the first visible GPU when there is one, else the CPU."""
     if device == "auto":
@@ -72,8 +79,8 @@ class Analyzer:
                  decode_workers: int = 0):
         self.device = resolve_device(device)
         self.names = tuple(names)
-        self.nets = [musicnn.load(n, device=self.device, models_dir=models_dir) for n in self.names]
-        self.model_version = "+".join(musicnn.model_version(n, models_dir) for n in self.names)
+        self.nets = [loading.load(n, device=self.device, models_dir=models_dir) for n in self.names]
+        self.model_version = "+".join(loading.model_version(n, models_dir) for n in self.names)
         self.labels = tuple(
             f"{labels.dataset_of(n)}:{tag}" for n in self.names for tag in labels.labels_for(n, models_dir)
         )

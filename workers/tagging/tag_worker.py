@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from django.conf import settings
 from django.db import transaction
 
-from workers.calibration import compute as calibration
+from workers.tagging import calibrated
 from workers.jobs import gpu
-from workers.library import paths, scanner
+from workers.library import checks, paths
 from workers.audio.decode import DecodeError
 from workers.models import Track
 from workers.jobs.queue import ClaimedJob
@@ -55,11 +55,9 @@ class TagWorker(Worker):
         self.batches: dict[int, _Batch] = {}  # by job id: the batch in flight each job belongs to
 
     def setup(self, ctx: Context) -> None:
-        import torch
+        from workers.tagging.pipeline import Analyzer, resolve_device, use_threads
 
-        from workers.tagging.pipeline import Analyzer, resolve_device
-
-        torch.set_num_threads(self.threads)
+        use_threads(self.threads)
         on_gpu = resolve_device(self.requested_device) != "cpu"
         self.batch_size = self.requested_batch or (gpu.FILES_PER_BATCH if on_gpu else 1)
         self.lookahead = self.batch_size > 1
@@ -103,28 +101,40 @@ class TagWorker(Worker):
 
     def process(self, job: ClaimedJob, ctx: Context) -> dict:
         batch = self.batches.pop(job.id, None)
-        track = batch.track(job.id) if batch else self._checked_track(job)
+        if batch is not None and job.id in batch.decoded:
+            return self._process_batched(job, batch, ctx)
+        return self._process_one(batch.track(job.id) if batch else checks.track_for_job(job.track_id), ctx)
+
+    def _process_one(self, track: Track, ctx: Context) -> dict:
+        """One file, top to bottom: file facts → decode and infer → calibrate → tag set → safe write → record."""
         ctx.update(file=track.path)
-        if track.state == Track.State.MISSING:
+        if track.state == Track.State.MISSING:  # file facts: ``checks.track_for_job`` found it gone
             return {"missing": True}
-        if batch and job.id in batch.decoded:
-            ctx.progress(0.1, "waiting for the batch's decoding")
-            analysis = self._analysis(track, lambda: self._scored(batch, ctx)[job.id])
-            ctx.progress(0.8, "writing tags")
-            written = apply.reported(track, lambda: _offloaded_write(*batch.writes[job.id]))
-        else:
-            analysis = self._analysis(track, lambda: self.analyzer.analyze(paths.to_bytes(track.path)))
-            ctx.progress(0.8, "writing tags")
-            means, spreads = analysis.mappings()
-            written = apply.reported(track, lambda: apply.write_file_tags(track, means, spreads,
-                                                                          self.analyzer.model_version, _calibration()))
+        analysis = _analyzed(track, lambda: self.analyzer.analyze(paths.to_bytes(track.path)))  # decode → infer
+        calibration = calibrated.current()  # calibrate
+        write = apply.plan(track, *analysis.mappings(), self.analyzer.model_version, calibration)  # tag set
+        ctx.progress(0.8, "writing tags")
+        written = apply.write(write)  # safe write
+        return self._record(track, analysis, written)  # record
+
+    def _process_batched(self, job: ClaimedJob, batch: "_Batch", ctx: Context) -> dict:
+        """One file of a GPU batch: the same stages, with decode, infer and the write shared by the batch."""
+        track = batch.track(job.id)
+        ctx.update(file=track.path)
+        ctx.progress(0.1, "waiting for the batch's decoding")
+        analysis = _analyzed(track, lambda: self._scored(batch, ctx)[job.id])  # decode → infer → calibrate → tag set
+        ctx.progress(0.8, "writing tags")
+        written = apply.reported(track, lambda: _offloaded_write(*batch.writes[job.id]))  # safe write
+        return self._record(track, analysis, written)  # record
+
+    def _record(self, track: Track, analysis, written: apply.Written) -> dict:
+        """Scores and the track row in one transaction; the job's result for the admin."""
         started = time.perf_counter()
         with transaction.atomic():
             scores.save(track, self.analyzer.model_version, analysis.labels, analysis.means, analysis.spreads,
                         analysis.patches)
             apply.record(track, written)
         timings = {**analysis.timings, "write": written.seconds, "record": time.perf_counter() - started}
-        calibration.maybe_recalibrate()  # cheap: looks at the database at most every 30 s per process
         result = {"patches": analysis.patches, "seconds": analysis.seconds, "written": written.changed,
                   "tags": written.tagset.categories, "timings": {k: round(v, 4) for k, v in timings.items()}}
         if self.analyzer.device != "cpu":
@@ -138,7 +148,7 @@ class TagWorker(Worker):
             results = batch.pending.results()
             ctx.update(gpu_memory=self._gpu_memory())
             analyses = {job_id: results[i] for job_id, i in batch.decoded.items()}
-            cal, version = _calibration(), self.analyzer.model_version
+            cal, version = calibrated.current(), self.analyzer.model_version
             for job_id, analysis in analyses.items():
                 if isinstance(analysis, BaseException):
                     continue
@@ -152,60 +162,39 @@ class TagWorker(Worker):
             log.debug("batch of %d files decoded and scored in %.2f s", len(results), time.perf_counter() - started)
         return batch.analyses
 
-    def _checked_tracks(self, jobs: list[ClaimedJob]) -> dict[int, Track | Exception]:
-        """``_check`` for a whole batch, reading its tracks in one query; a job's exception in its place."""
-        tracks = Track.objects.select_related("library").defer("tags").in_bulk([j.track_id for j in jobs])
+    @staticmethod
+    def _checked_tracks(jobs: list[ClaimedJob]) -> dict[int, Track | Exception]:
+        """``checks.track_for_job`` for a whole batch in one query; a job's exception in its place."""
+        tracks = checks.tracks_by_id([j.track_id for j in jobs])
         checked = {}
         for job in jobs:
             try:
-                checked[job.id] = self._check(tracks.get(job.track_id))
+                checked[job.id] = checks.checked(tracks.get(job.track_id))
             except Exception as exc:  # noqa: BLE001 - process() raises it for the runner to record
                 checked[job.id] = exc
         return checked
 
-    def _checked_track(self, job: ClaimedJob) -> Track:
-        return self._check(Track.objects.select_related("library").defer("tags").filter(id=job.track_id).first())
 
-    def _check(self, track: Track | None) -> Track:
-        """The track, its file inside the library and unchanged since its scan (else re-scanned)."""
-        if track is None:
-            raise PermanentError("the track no longer exists")
-        path = paths.to_bytes(track.path)
-        if not paths.is_within(os.path.realpath(path), scanner.resolved_root(track.library)):
-            raise PermanentError(f"{track.path} is outside the library root {track.library.root}; not read")
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
+def _analyzed(track: Track, compute):
+    """``compute()``'s analysis of the track's file; a file that cannot be tagged fails with its reason."""
+    from workers.tagging.pipeline import TooShortError
+
+    try:
+        result = compute()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+    except DecodeError as exc:
+        if exc.kind == "vanished":
             Track.objects.filter(id=track.id).update(state=Track.State.MISSING)
-            track.state = Track.State.MISSING
-            return track
-        if (st.st_size, st.st_mtime_ns) != (track.size, track.mtime_ns):
-            track = scanner.rescan_track(track)
-            if track is None:
-                raise PermanentError("the file changed since it was scanned and can no longer be read")
-        return track
-
-    @staticmethod
-    def _analysis(track: Track, compute):
-        """``compute()``'s analysis of the track's file; a file that cannot be tagged fails with its reason."""
-        from workers.tagging.pipeline import TooShortError
-
-        try:
-            result = compute()
-            if isinstance(result, BaseException):
-                raise result
-            return result
-        except DecodeError as exc:
-            if exc.kind == "vanished":
-                Track.objects.filter(id=track.id).update(state=Track.State.MISSING)
-                raise PermanentError(f"the file vanished: {exc.reason}") from None
-            if exc.kind == "unreadable":
-                raise  # may be a passing condition (a NAS hiccup): retried with backoff
-            Track.objects.filter(id=track.id).update(state=Track.State.FAILED, error=exc.reason)
-            raise PermanentError(exc.reason) from None
-        except TooShortError as exc:
-            Track.objects.filter(id=track.id).update(state=Track.State.FAILED, error=str(exc))
-            raise PermanentError(str(exc)) from None
+            raise PermanentError(f"the file vanished: {exc.reason}") from None
+        if exc.kind == "unreadable":
+            raise  # may be a passing condition (a NAS hiccup): retried with backoff
+        Track.objects.filter(id=track.id).update(state=Track.State.FAILED, error=exc.reason)
+        raise PermanentError(exc.reason) from None
+    except TooShortError as exc:
+        Track.objects.filter(id=track.id).update(state=Track.State.FAILED, error=str(exc))
+        raise PermanentError(str(exc)) from None
 
 
 @dataclass
@@ -233,11 +222,6 @@ def _offloaded_write(write: apply.TagWrite, future) -> apply.Written:
         return write.finish(future.result())
     except BrokenProcessPool:
         return write.finish(safe_write_tags(*write.args))
-
-
-def _calibration():
-    """The library calibration in force (``UNCALIBRATED`` until one exists), cached per process."""
-    return calibration.current()
 
 
 def models_installed() -> bool:

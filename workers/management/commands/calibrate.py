@@ -22,7 +22,8 @@ import time
 
 from django.core.management.base import BaseCommand, CommandError
 
-from workers.calibration import compute as calibration
+from workers.calibration import compute, transfer
+from workers.tagging import calibrated
 from workers.models import Calibration, Job
 
 
@@ -56,8 +57,8 @@ class Command(BaseCommand):
 
     def compute(self, min_tracks: int | None) -> Calibration:
         try:
-            result = calibration.recalibrate(min_count=min_tracks)
-        except calibration.NotEnoughTracks as exc:
+            result = compute.recalibrate(min_count=min_tracks)
+        except compute.NotEnoughTracks as exc:
             raise CommandError(f"not calibrated: {exc}") from None
         row = result.calibration
         timings = result.describe_timings()
@@ -67,10 +68,10 @@ class Command(BaseCommand):
         return row
 
     def export(self, path: str, version: str | None) -> None:
-        row = (Calibration.objects.filter(version=version).first() if version else calibration.current_row())
+        row = (Calibration.objects.filter(version=version).first() if version else calibrated.current_row())
         if row is None:
             raise CommandError(f"no calibration {version}" if version else "no calibration is current yet")
-        text = json.dumps(calibration.export_json(row), indent=1, sort_keys=False) + "\n"
+        text = json.dumps(transfer.export_json(row), indent=1, sort_keys=False) + "\n"
         if path == "-":
             self.stdout.write(text, ending="")
         else:
@@ -85,12 +86,12 @@ class Command(BaseCommand):
         except (OSError, ValueError) as exc:
             raise CommandError(f"cannot read {path}: {exc}") from None
         try:
-            row, created = calibration.import_json(document, source=path, force=force)
-        except calibration.ImportRefused as exc:
+            row, created = transfer.import_json(document, source=path, force=force)
+        except transfer.ImportRefused as exc:
             raise CommandError(f"not imported: {exc}") from None
         message = f"{'imported' if created else 'already had'} calibration {row.version} ({row.track_count} tracks)"
         if activate:
-            message += f"; now current, {calibration.activate(row)} track(s) queued for recalibration"
+            message += f"; now current, {compute.activate(row)} track(s) queued for recalibration"
         self.stdout.write(message)
         return row
 

@@ -4,7 +4,7 @@ import time
 
 from django.core.management.base import BaseCommand, CommandError
 
-from workers.library import scanner
+from workers.library import scan
 from workers.models import Job, Library
 
 
@@ -23,7 +23,7 @@ class Command(BaseCommand):
         if unknown:
             raise CommandError(f"no library named {', '.join(sorted(unknown))}")
         for lib in libraries:
-            queued = scanner.request_scan(lib, full=full)
+            queued = scan.request_scan(lib, full=full)
             self.stdout.write(f"{lib.name}: {'scan queued' if queued else 'a scan request is already queued'}"
                               f"{' (full)' if full and queued else ''}")
         if wait:
@@ -34,7 +34,7 @@ class Command(BaseCommand):
     def wait(self, libraries, timeout) -> bool:
         """Draw a progress bar per library until every scan has finished."""
         deadline = time.monotonic() + timeout if timeout else None
-        started = {lib.id: scanner.progress(lib).get("gen", 0) for lib in libraries}
+        started = {lib.id: scan.progress(lib).get("gen", 0) for lib in libraries}
         while True:
             states = [self.status(lib, started[lib.id]) for lib in libraries]
             line = "  ".join(f"{lib.name} {self.bar(s)}" for lib, s in zip(libraries, states))
@@ -56,7 +56,7 @@ class Command(BaseCommand):
     @staticmethod
     def status(lib, previous_gen) -> dict:
         """The scan's state, or the request job's failure if the scan never started."""
-        state = scanner.progress(lib)
+        state = scan.progress(lib)
         if state.get("gen", 0) > previous_gen:
             return state
         request = Job.objects.filter(queue="scan", key=f"library:{lib.id}").order_by("-id").first()

@@ -9,11 +9,11 @@ import os
 
 from django.core.management.base import BaseCommand, CommandError
 
-from workers.library import paths, scanner
+from workers.library import folders, paths, scan
 from workers.audio.decode import DecodeError
 from workers.jobs.gpu import pin_from_environment
 from workers.models import Library, Track
-from workers.tagging import scores
+from workers.tagging import calibrated, scores
 from workers.tagging.apply import write_track_tags
 from workers.tagging.tagset import build_tags
 
@@ -28,12 +28,10 @@ class Command(BaseCommand):
         parser.add_argument("--device", default="auto")
 
     def handle(self, *args, path, json: bool, dry_run: bool, device: str, **options):
-        pin_from_environment()
-        import torch
+        pin_from_environment()  # before torch sees CUDA
+        from workers.tagging.pipeline import Analyzer, TooShortError, use_threads
 
-        from workers.tagging.pipeline import Analyzer, TooShortError
-
-        torch.set_num_threads(int(os.environ.get("EARMARK_TORCH_THREADS", "1")))
+        use_threads()
         real = os.path.realpath(os.fsencode(path))
         library = _library_of(real)
         analyzer = Analyzer(device)
@@ -46,11 +44,11 @@ class Command(BaseCommand):
         written = None
         if dry_run or library is None:
             mode = "full" if library and library.write_mode == Library.WriteMode.FULL else "minimal"
-            tagset = build_tags(means, spreads, None, mode, models=model_version)
+            tagset = build_tags(means, spreads, calibrated.current(), mode, models=model_version)
         else:
             track = _track_for(library, real)
             scores.save(track, model_version, analysis.labels, analysis.means, analysis.spreads, analysis.patches)
-            result = write_track_tags(track, means, spreads, model_version)
+            result = write_track_tags(track, means, spreads, model_version, calibrated.current())
             tagset, written = result.tagset, result.changed
         out = {
             "path": paths.to_text(real),
@@ -84,7 +82,7 @@ class Command(BaseCommand):
 
 def _library_of(real: bytes) -> Library | None:
     for library in Library.objects.all():
-        if paths.is_within(real, scanner.resolved_root(library)):
+        if paths.is_within(real, scan.resolved_root(library)):
             return library
     return None
 
@@ -95,7 +93,7 @@ def _track_for(library: Library, real: bytes) -> Track:
     track = Track.objects.filter(path=text).select_related("library").first()
     if track is None:
         track = Track.objects.create(library=library, path=text, folder=paths.to_text(os.path.dirname(real)))
-    track = scanner.rescan_track(track)
+    track = folders.rescan_track(track)
     if track is None:
         raise CommandError("the file cannot be read as audio (see `library show`)")
     return track

@@ -1,0 +1,85 @@
+"""The admin's library pages: add a music folder, watch its scans and tag distribution, ask for a scan."""
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import Count
+from django.urls import reverse
+from django.utils.html import format_html
+from django.utils.safestring import mark_safe
+
+from workers.admin.common import ADMIN_PRIORITY, json_block
+from workers.library import libraries, scan
+from workers.live import plots
+from workers.models import Library, Track
+
+
+class LibraryForm(forms.ModelForm):
+    class Meta:
+        model = Library
+        fields = ["name", "root", "enabled", "write_mode"]
+
+    def clean_root(self):
+        """An existing directory, stored resolved (the same check as ``library add``)."""
+        return libraries.validate_root(self.cleaned_data["root"])
+
+
+@admin.register(Library)
+class LibraryAdmin(admin.ModelAdmin):
+    form = LibraryForm
+    list_display = ["name", "root", "enabled", "write_mode", "track_count", "scan_status", "last_scan_at"]
+    list_filter = ["enabled", "write_mode"]
+    search_fields = ["name", "root"]
+    actions = ["scan", "full_scan"]
+    readonly_fields = ["scan_progress", "last_scan_at", "last_scan_error", "distribution"]
+    fieldsets = [
+        (None, {"fields": ["name", "root", "enabled", "write_mode"]}),
+        ("Scans", {"fields": ["scan_progress", "last_scan_at", "last_scan_error"]}),
+        ("Distribution", {"fields": ["distribution"]}),
+    ]
+
+    def get_queryset(self, request):
+        """Counts the tracks in the list's one query, not one query per row."""
+        return super().get_queryset(request).annotate(n_tracks=Count("tracks"))
+
+    @admin.display(description="tracks", ordering="n_tracks")
+    def track_count(self, obj):
+        return obj.n_tracks
+
+    @admin.display(description="last scan")
+    def scan_status(self, obj):
+        p = scan.progress(obj)
+        if not p:
+            return "never scanned"
+        return f"{p.get('state')}: {p.get('folders_done', 0)}/{p.get('folders_total', 0)} folders, {p.get('files_seen', 0)} files"
+
+    @admin.display(description="current scan")
+    def scan_progress(self, obj):
+        return json_block(scan.progress(obj)) if obj.pk else "—"
+
+    @admin.display(description="tracks per value")
+    def distribution(self, obj):
+        if not obj.pk:
+            return "—"
+        what, charts = plots.distribution_charts(Track.objects.filter(library=obj))
+        link = reverse("earmark-plots") + f"?library={obj.pk}"
+        return format_html('<p>{} (<a href="{}">larger page</a>)</p>{}', what, link,
+                           mark_safe("".join(charts)))  # noqa: S308 - plots escapes every text it draws
+
+    def _request_scans(self, request, queryset, full: bool):
+        """Queues one scan per library and says which were already waiting, so a double click is harmless."""
+        queued = [lib.name for lib in queryset if scan.request_scan(lib, full=full, priority=ADMIN_PRIORITY)]
+        skipped = queryset.count() - len(queued)
+        kind = "full scan" if full else "scan"
+        if queued:
+            self.message_user(request, f"Queued a {kind} of {', '.join(queued)}.", messages.SUCCESS)
+        if skipped:
+            self.message_user(request, f"{skipped} already had a scan queued or running.", messages.WARNING)
+
+    @admin.action(description="Scan (new and changed files)", permissions=["change"])
+    def scan(self, request, queryset):
+        self._request_scans(request, queryset, full=False)
+
+    @admin.action(description="Full scan (re-read every file)", permissions=["change"])
+    def full_scan(self, request, queryset):
+        self._request_scans(request, queryset, full=True)

@@ -1,0 +1,120 @@
+"""The admin's track pages: a file's facts, the user's tags, Earmark's tags and scores, and its jobs.
+
+Actions queue a retag (run the models again) or a recalibration (rewrite the
+tags from the stored scores); the workers do the work.
+"""
+from __future__ import annotations
+
+import numpy as np
+from django.contrib import admin, messages
+from django.urls import reverse
+from django.utils.html import format_html
+
+from workers.admin.common import ADMIN_PRIORITY, WorkerRows, json_block, pre, short, table
+from workers.jobs import queue
+from workers.library import paths
+from workers.models import Score, Track
+from workers.tagfiles.namespace import read_earmark_tags
+from workers.tagging import scores as stored_scores
+from workers.tagging.labels import combined_labels
+
+JOB_HISTORY = 50
+
+
+def score_rows(score: Score) -> list[tuple[str, float, float]]:
+    """(label, mean, spread), strongest first; labels by name when the installed label list fits."""
+    means = stored_scores.unpack(score.means)
+    spreads = stored_scores.unpack(score.spreads)
+    names = _label_names(len(means))
+    order = np.argsort(-means, kind="stable")
+    return [(names[i], float(means[i]), float(spreads[i]) if i < len(spreads) else float("nan")) for i in order]
+
+
+def _label_names(n: int) -> list[str]:
+    """The installed label names, or indices: the page must show even when the models are not installed."""
+    try:
+        names = combined_labels()
+    except Exception:  # models not installed, or an unreadable labels.json: fall back to indices
+        names = []
+    return list(names) if len(names) == n else [f"#{i}" for i in range(n)]
+
+
+def tags_in_file(track: Track):
+    """What the file holds in Earmark's namespace now; any failure to read is shown, not raised."""
+    try:
+        return read_earmark_tags(paths.to_bytes(track.path), track.format or None)
+    except Exception as exc:
+        return f"could not read the file's tags: {type(exc).__name__}: {exc}"
+
+
+@admin.register(Track)
+class TrackAdmin(WorkerRows, admin.ModelAdmin):
+    """Tracks come from scans; the page shows them and queues work on them."""
+
+    list_display = ["short_path", "library", "state", "format", "artist", "title", "duration", "updated_at"]
+    list_filter = ["library", "state", "format"]
+    search_fields = ["path", "artist", "title"]
+    list_select_related = ["library"]
+    actions = ["retag", "recalibrate"]
+    show_full_result_count = False  # a COUNT(*) per page is slow on a large library
+    fieldsets = [
+        ("File", {"fields": ["library", "path", "state", "error", "format", "codec", "duration", "sample_rate",
+                             "channels", "bitrate", "size", "mtime_ns", "scanned_at"]}),
+        ("The user's tags", {"fields": ["artist", "album", "title", "user_tags"]}),
+        ("Earmark", {"fields": ["earmark_tags_written", "file_tags", "model_version", "calibration_version",
+                                "tagged_at", "scores"]}),
+        ("Jobs", {"fields": ["job_history"]}),
+    ]
+
+    @admin.display(description="path", ordering="path")
+    def short_path(self, obj):
+        return short(obj.path, 90)
+
+    @admin.display(description="tags read at scan")
+    def user_tags(self, obj):
+        return json_block(obj.tags)
+
+    @admin.display(description="tags written (database)")
+    def earmark_tags_written(self, obj):
+        return json_block(getattr(obj, "earmark_tags", None))
+
+    @admin.display(description="tags in the file now")
+    def file_tags(self, obj):
+        tags = tags_in_file(obj)
+        return pre(tags) if isinstance(tags, str) else json_block(tags)
+
+    @admin.display(description="stored scores")
+    def scores(self, obj):
+        score = Score.objects.filter(track=obj).first()
+        if score is None:
+            return "no scores stored"
+        rows = ((name, f"{mean:.4f}", f"{spread:.4f}") for name, mean, spread in score_rows(score))
+        return format_html("<p>{}, {} patches</p>{}", score.model_version, score.patches,
+                           table(["label", "mean", "spread"], rows))
+
+    @admin.display(description="job history")
+    def job_history(self, obj):
+        jobs = obj.jobs.order_by("-id")[:JOB_HISTORY]
+        if not jobs:
+            return "no jobs"
+        rows = ((format_html('<a href="{}">{}</a>', reverse("admin:workers_job_change", args=[j.id]), j.id),
+                 j.queue, j.state, j.attempts, j.finished_at or j.created_at, short(j.last_error, 120))
+                for j in jobs)
+        return table(["job", "queue", "state", "attempts", "when", "error"], rows)
+
+    def _enqueue(self, request, queryset, queue_name: str):
+        """One forced job per track, deduplicated by key, so a job already waiting is not queued twice."""
+        jobs = [queue.NewJob(key=f"{queue_name}:{t.id}", payload={"force": True, "requested_by": "admin"},
+                             track_id=t.id, library_id=t.library_id, priority=ADMIN_PRIORITY)
+                for t in queryset.only("id", "library_id")]
+        created = queue.enqueue_many(queue_name, jobs)
+        self.message_user(request, f"Queued {created} {queue_name} job(s); "
+                                   f"{len(jobs) - created} already had one queued or running.", messages.SUCCESS)
+
+    @admin.action(description="Retag (run the models again)", permissions=["change"])
+    def retag(self, request, queryset):
+        self._enqueue(request, queryset, "tag")
+
+    @admin.action(description="Recalibrate (rewrite tags from stored scores)", permissions=["change"])
+    def recalibrate(self, request, queryset):
+        self._enqueue(request, queryset, "calibrate")
