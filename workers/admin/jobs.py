@@ -1,0 +1,53 @@
+"""The admin's job pages: every queue's jobs, their attempts and errors; retry and cancel."""
+from __future__ import annotations
+
+from django.contrib import admin, messages
+
+from workers.admin.common import WorkerRows, json_block, pre, short
+from workers.jobs import queue
+from workers.models import Job
+
+
+@admin.register(Job)
+class JobAdmin(WorkerRows, admin.ModelAdmin):
+    """Jobs come from scans and actions, with their dedup keys; the page retries and cancels them."""
+
+    list_display = ["id", "queue", "key", "state", "priority", "attempts_of", "claimed_by", "created_at",
+                    "finished_at", "short_error"]
+    list_filter = ["queue", "state", "library"]
+    search_fields = ["key", "last_error", "claimed_by"]
+    actions = ["retry", "cancel"]
+    show_full_result_count = False
+    fields = ["queue", "key", "state", "priority", "attempts", "max_attempts", "run_after", "claimed_by", "boot_id",
+              "lease_expires", "library", "track", "created_at", "started_at", "finished_at", "payload_json",
+              "result_json", "error"]
+
+    @admin.display(description="attempts")
+    def attempts_of(self, obj):
+        return f"{obj.attempts}/{obj.max_attempts}"
+
+    @admin.display(description="error")
+    def short_error(self, obj):
+        return short(obj.last_error)
+
+    @admin.display(description="error (in full)")
+    def error(self, obj):
+        return pre(obj.last_error)
+
+    @admin.display(description="payload")
+    def payload_json(self, obj):
+        return json_block(obj.payload)
+
+    @admin.display(description="result")
+    def result_json(self, obj):
+        return json_block(obj.result)
+
+    @admin.action(description="Retry (failed or cancelled jobs)", permissions=["change"])
+    def retry(self, request, queryset):
+        n = queue.retry(list(queryset.values_list("id", flat=True)))
+        self.message_user(request, f"Requeued {n} job(s).", messages.SUCCESS)
+
+    @admin.action(description="Cancel (queued jobs; running ones finish)", permissions=["change"])
+    def cancel(self, request, queryset):
+        n = queue.cancel(list(queryset.values_list("id", flat=True)))
+        self.message_user(request, f"Cancelled {n} job(s).", messages.SUCCESS)
