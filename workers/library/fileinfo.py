@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import mutagen
 
+from workers.audio.diagnose import explain_unreadable
+
 # The user's tags we keep in searchable columns, by mutagen "easy" key.
 _ID3_EASY = {"TIT2": "title", "TPE1": "artist", "TALB": "album", "TRCK": "tracknumber",
              "TDRC": "date", "TCON": "genre", "TPE2": "albumartist", "TPOS": "discnumber"}
@@ -85,13 +87,7 @@ def _describe(exc: Exception, path: bytes | str | None = None) -> str:
 
 
 def _unreadable(path: bytes, detail: str) -> str:
-    """What the file's first bytes say it is ("not audio: the file is a PNG image"), plus mutagen's detail.
-
-    The decoder's own signature check (imported here only: it loads PyAV,
-    which a scanner needs just for the rare bad file).
-    """
-    from workers.audio.diagnose import explain_unreadable
-
+    """What the file's first bytes say it is ("not audio: the file is a PNG image"), plus mutagen's detail."""
     reason = explain_unreadable(path)
     if not detail:
         return reason

@@ -25,7 +25,11 @@ _PLAIN = {"CharField": str, "TextField": str, "IntegerField": int, "BigIntegerFi
 
 @functools.lru_cache(maxsize=None)
 def _insert_plan(ops_class: type) -> tuple:
-    """The parts of ``insert_tracks``'s statement that never change: fields, SQL, converted defaults."""
+    """The parts of ``insert_tracks``'s statement that never change: fields, SQL, converted defaults.
+
+    Cached per connection type (its operations class), so a process that uses
+    both databases (the test suite) never reuses one database's quoting for the other.
+    """
     fields = [f for f in Track._meta.concrete_fields if not f.primary_key]
     columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
     placeholders = "(" + ", ".join(["%s"] * len(fields)) + ")"

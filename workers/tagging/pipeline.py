@@ -1,7 +1,7 @@
 """Audio file to raw per-label scores: decode → log-mel → 3 s patches → networks → mean and spread.
 
-This is the only module (with ``musicnn`` and ``frontend``) that imports
-torch; only tagger processes import it. Default tagging runs MTT_musicnn and
+It imports torch, as the network modules do (``musicnn``, ``fast``,
+``loading``, ``frontend``); only tagger processes import it. Default tagging runs MTT_musicnn and
 MSD_musicnn on the same patches, so each file is decoded and transformed once.
 
 Memory is bounded whatever the file's length: audio is decoded in chunks and
