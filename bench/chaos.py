@@ -201,10 +201,17 @@ class Chaos:
             time.sleep(0.25)
         raise AssertionError(f"fewer than {tagged} tracks tagged after {timeout:.0f}s of warm-up")
 
-    def run(self, seconds: float) -> ChaosStats:
-        end = time.monotonic() + seconds
+    def run(self, seconds: float, until=None, at_most: float | None = None) -> ChaosStats:
+        """Kill and churn for ``seconds``; then on, up to ``at_most`` seconds in all, until ``until(stats)``.
+
+        How many kills land on a worker with a job in hand depends on the
+        machine's load; a test that needs some of each says so with ``until``
+        rather than hoping the fixed period brought them.
+        """
+        started = time.monotonic()
+        end, limit = started + seconds, started + max(seconds, at_most or seconds)
         next_churn = time.monotonic() + self.churn_every
-        while time.monotonic() < end:
+        while time.monotonic() < end or (until and not until(self.stats) and time.monotonic() < limit):
             time.sleep(self.rng.uniform(*self.kill_every))
             victim = self.kill_one()
             if victim:

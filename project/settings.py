@@ -36,6 +36,9 @@ EARMARK_HEARTBEAT_INTERVAL = env.float("EARMARK_HEARTBEAT_INTERVAL", default=5.0
 EARMARK_HEARTBEAT_TIMEOUT = env.float("EARMARK_HEARTBEAT_TIMEOUT", default=30.0)
 EARMARK_LEASE_SECONDS = env.float("EARMARK_LEASE_SECONDS", default=300.0)
 EARMARK_JOB_RETENTION_SECONDS = env.float("EARMARK_JOB_RETENTION_SECONDS", default=7 * 24 * 3600)
+# A worker busy on one job for longer than this is presumed hung and killed by its
+# heartbeat process (supervisord restarts it; the job is charged an attempt). 0: never.
+EARMARK_JOB_TIMEOUT_SECONDS = env.float("EARMARK_JOB_TIMEOUT_SECONDS", default=3600.0)
 EARMARK_IDLE_POLL_SECONDS = env.float("EARMARK_IDLE_POLL_SECONDS", default=0.5)
 # SIGTERM lets a worker finish its current job for this long, then it releases the
 # job and exits; supervisord's stopwaitsecs (30 s) must stay above it.

@@ -46,7 +46,8 @@ def test_sigkill_chaos_under_supervisord_loses_and_corrupts_nothing(worker_env, 
     try:
         chaos = Chaos(sup, library, host=settings.EARMARK_HOSTNAME, seed=7, log=log.append)
         chaos.warm_up(TRACKS // 2, timeout=90)
-        stats = chaos.run(CHAOS_SECONDS)
+        stats = chaos.run(CHAOS_SECONDS, until=lambda st: st.interrupted >= 2 and set(st.kills) == set(WORKERS_GROUPS),
+                          at_most=CHAOS_SECONDS * 3)
         settle(150)
         final_scan(library, 120)
         report = check(library, before)

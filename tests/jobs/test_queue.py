@@ -4,7 +4,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from workers.jobs import maintenance, queue, registry
+from workers.jobs import leases, maintenance, queue, registry
 from workers.models import Job, Meta
 
 pytestmark = pytest.mark.django_db
@@ -101,7 +101,7 @@ def test_extend_leases_only_for_this_boot():
     queue.claim("scan", W, "boot1", 1)
     queue.claim("scan", W, "boot2", 1)
     Job.objects.update(lease_expires=timezone.now())
-    assert queue.extend_leases(W, "boot1", 600) == 1
+    assert leases.extend_leases(W, "boot1", 600) == 1
     assert Job.objects.get(key="a").lease_expires > timezone.now() + timedelta(seconds=500)
 
 

@@ -91,6 +91,7 @@ class RecalibrateWorker(Worker):
         means, spreads, model_version = self._stored_scores(track)
         self._check_inside_library(track)
         track = self._fresh(track)
+        ctx.ensure_held(job.id)  # a job taken from us is written by its new holder, not twice at once
         try:
             changed = self._write(track, means, spreads, model_version, target)
         except FileChanged:

@@ -20,6 +20,8 @@ from django.db.models import Count
 from django.utils import timezone
 
 from workers.jobs import dialect
+from workers.jobs.leases import held_by, id_in
+from workers.jobs.leases import ts as _ts
 from workers.models import Job, Meta, Track
 
 QUEUES = ("scan", "tag", "calibrate")
@@ -58,11 +60,6 @@ class NewJob:
     library_id: int | None = None
     priority: int = 100
     max_attempts: int = 3
-
-
-def _ts(dt: datetime):
-    """A datetime as the database stores it, for raw SQL parameters."""
-    return connection.ops.adapt_datetimefield_value(dt)
 
 
 def _check_queue(queue: str) -> None:
@@ -131,17 +128,22 @@ def _insert_ignoring_conflicts(cur, queue: str, jobs: list[NewJob], now) -> int:
 # --- claiming and finishing ------------------------------------------------
 
 
-def claim(queue: str, worker_id: str, boot_id: str, limit: int = 1, lease_seconds: float | None = None) -> list[ClaimedJob]:
+def claim(queue: str, worker_id: str, boot_id: str, limit: int = 1, lease_seconds: float | None = None,
+          charge: bool = True) -> list[ClaimedJob]:
     """Claim up to ``limit`` ready jobs in one statement (nothing if the queue is paused).
 
-    ``attempts`` counts claims, so a job that kills its worker every time still
-    reaches ``max_attempts`` and is quarantined by the rescuer.
+    ``attempts`` counts the times a job's processing began, so that a job
+    that kills its worker every time reaches ``max_attempts`` and is
+    quarantined by the rescuer. A worker that starts on what it claims at
+    once lets the claim count (``charge``); one that claims ahead of its work
+    (a batch, a lookahead) claims uncharged and charges each job with
+    ``begin`` when it starts on it, so that its death charges only that job.
     """
     now = timezone.now()
     lease = now + timedelta(seconds=lease_seconds or settings.EARMARK_LEASE_SECONDS)
     sql = (
         f"UPDATE {JOB} SET state = 'running', claimed_by = %s, boot_id = %s, lease_expires = %s, "
-        "attempts = attempts + 1, started_at = %s "
+        f"attempts = attempts + {1 if charge else 0}, started_at = %s "
         f"WHERE id IN (SELECT id FROM {JOB} WHERE queue = %s AND state = 'queued' AND run_after <= %s "
         f"AND NOT EXISTS (SELECT 1 FROM {META} WHERE key = %s) "
         f"ORDER BY priority, id LIMIT %s{dialect.claim_lock_clause(connection)}) "
@@ -160,7 +162,8 @@ def _json(value):
     return json.loads(value) if isinstance(value, (str, bytes)) else (value or {})
 
 
-def complete(job_ids: list[int], worker_id: str, results: dict[int, dict] | None = None) -> int:
+def complete(job_ids: list[int], worker_id: str, results: dict[int, dict] | None = None,
+             boot_id: str | None = None) -> int:
     """Mark jobs done, only where this worker still holds them (a rescued job is not ours)."""
     if not job_ids:
         return 0
@@ -170,15 +173,14 @@ def complete(job_ids: list[int], worker_id: str, results: dict[int, dict] | None
     results = results or {}
     plain = [i for i in job_ids if i not in results]
     done_sql = f"UPDATE {JOB} SET state = 'done', finished_at = %s, lease_expires = NULL, last_error = ''"
-    mine = "state = 'running' AND claimed_by = %s"
+    mine, params = held_by(worker_id, boot_id)
     statements = []
     for start in range(0, len(plain), 500):  # SQLite bounds the number of parameters
         chunk = plain[start : start + 500]
-        statements.append((f"{done_sql} WHERE {mine} AND id IN ({', '.join(['%s'] * len(chunk))})",
-                           [now, worker_id, *chunk]))
+        statements.append((f"{done_sql} WHERE {mine} AND {id_in(chunk)}", [now, *params, *chunk]))
     for job_id, result in results.items():
         statements.append((f"{done_sql}, result = %s WHERE {mine} AND id = %s",
-                           [now, json.dumps(result), worker_id, job_id]))
+                           [now, json.dumps(result), *params, job_id]))
     done = 0
     # One transaction (one commit) for the whole batch, however many statements it takes.
     with transaction.atomic() if len(statements) > 1 else nullcontext():
@@ -195,19 +197,23 @@ def backoff_seconds(attempts: int) -> float:
     return base * (1 + random.random() * 0.2)
 
 
-def fail(job: ClaimedJob, worker_id: str, error: str, retry: bool = True) -> str:
+def fail(job: ClaimedJob, worker_id: str, error: str, retry: bool = True, boot_id: str | None = None) -> str:
     """Record a failure: back to the queue after a backoff, or failed for good.
 
-    Returns the job's new state. ``retry=False`` is for errors that no retry
-    can fix (a file that is not audio), so they do not burn the queue's time.
+    Returns the job's new state (``"lost"`` when the job is no longer ours).
+    ``retry=False`` is for errors that no retry can fix (a file that is not
+    audio), so they do not burn the queue's time.
     """
     now = timezone.now()
     final = not retry or job.attempts >= job.max_attempts
     qs = Job.objects.filter(id=job.id, state="running", claimed_by=worker_id)
+    if boot_id is not None:
+        qs = qs.filter(boot_id=boot_id)
     if final:
-        qs.update(state="failed", finished_at=now, lease_expires=None, last_error=error, claimed_by="", boot_id="")
-        return "failed"
-    qs.update(
+        changed = qs.update(state="failed", finished_at=now, lease_expires=None, last_error=error, claimed_by="",
+                            boot_id="")
+        return "failed" if changed else "lost"
+    changed = qs.update(
         state="queued",
         run_after=now + timedelta(seconds=backoff_seconds(job.attempts)),
         lease_expires=None,
@@ -215,27 +221,28 @@ def fail(job: ClaimedJob, worker_id: str, error: str, retry: bool = True) -> str
         claimed_by="",
         boot_id="",
     )
-    return "queued"
+    return "queued" if changed else "lost"
 
 
-def release(job_ids: list[int], worker_id: str) -> int:
-    """Hand unfinished jobs back at once (graceful stop); the claim does not count as an attempt."""
+def release(job_ids: list[int], worker_id: str, boot_id: str | None = None, uncharged=()) -> int:
+    """Hand unfinished jobs back at once (graceful stop): their attempt is refunded.
+
+    Jobs in ``uncharged`` were claimed ahead and never begun (``begin``), so
+    there is nothing to refund.
+    """
     if not job_ids:
         return 0
+    mine, params = held_by(worker_id, boot_id)
+    free = [i for i in job_ids if i in set(uncharged)]
+    refund = f"NOT {id_in(free)}" if free else "1 = 1"
     with connection.cursor() as cur:
         cur.execute(
             f"UPDATE {JOB} SET state = 'queued', claimed_by = '', boot_id = '', lease_expires = NULL, "
-            f"attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
-            f"WHERE state = 'running' AND claimed_by = %s AND id IN ({', '.join(['%s'] * len(job_ids))})",
-            [worker_id, *job_ids],
+            f"attempts = CASE WHEN attempts > 0 AND {refund} THEN attempts - 1 ELSE attempts END "
+            f"WHERE {mine} AND {id_in(job_ids)}",
+            [*free, *params, *job_ids],
         )
         return cur.rowcount
-
-
-def extend_leases(worker_id: str, boot_id: str, lease_seconds: float | None = None) -> int:
-    """Push out the leases of every job this worker (this boot) holds."""
-    lease = timezone.now() + timedelta(seconds=lease_seconds or settings.EARMARK_LEASE_SECONDS)
-    return Job.objects.filter(state="running", claimed_by=worker_id, boot_id=boot_id).update(lease_expires=lease)
 
 
 # --- rescue and maintenance ------------------------------------------------

@@ -1,11 +1,15 @@
 """The one worker loop behind ``run_scanner``, ``run_tagger`` and ``run_recalibrator``.
 
 Claim a batch, process each job outside any transaction, complete or fail it.
-A heartbeat thread with its own database connection keeps the worker's meta
-row fresh and extends its leases, so a long model run never makes the worker
-look dead; maintenance runs on a third thread with a connection of its own, so
-a slow pass (a recalibration, a lock wait) never delays a heartbeat. SIGTERM/SIGINT finish the current
-job (or release it after a grace period); a second signal releases at once.
+The heartbeat runs in a process of its own (``workers.jobs.heartbeat``) with
+its own database connection: it keeps the worker's meta row fresh and
+extends its leases whatever the work does, even a C call that holds the GIL
+for minutes. Maintenance runs on a thread with a connection of its own, so a
+slow pass (a recalibration, a lock wait) never delays the work. Before a
+write that must not happen twice, a worker checks that the job is still its
+own (``Context.ensure_held``); a job that was taken from it is dropped, never
+completed. SIGTERM/SIGINT finish the current job (or release it after a
+grace period); a second signal releases at once.
 """
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import Callable
 
 from django.conf import settings
 from django.db import OperationalError, close_old_connections, connection, connections
 
-from workers.jobs import dialect, maintenance, queue, registry
+from workers.jobs import dialect, leases, maintenance, queue, registry
+from workers.jobs.heartbeat import Heartbeat
 from workers.jobs.queue import ClaimedJob
 
 log = logging.getLogger("earmark.worker")
@@ -49,6 +55,10 @@ class ImmediateStop(BaseException):
     """Raised in the main thread to abandon the current job (second signal, grace expired)."""
 
 
+class LeaseLost(Exception):
+    """The job was rescued from this worker and may run elsewhere: drop it, write nothing, complete nothing."""
+
+
 class Worker:
     """What a queue's worker does with one job; the runner does everything else."""
 
@@ -73,12 +83,18 @@ class Worker:
         """Release what ``setup`` took."""
 
 
+def _hold_everything(job_ids: list[int]) -> set[int]:
+    return set(job_ids)
+
+
 @dataclass
 class Context:
-    """The worker's live status, written to its meta row by the heartbeat thread."""
+    """The worker's live status (published to its heartbeat), and the fence before writes."""
 
     status: dict = field(default_factory=lambda: {"state": "starting", "done": 0, "failed": 0})
     changed: threading.Event = field(default_factory=threading.Event)
+    #: The jobs among those given that are still this worker's (``leases.held``); the runner sets it.
+    still_held: Callable[[list[int]], set[int]] = _hold_everything
 
     def update(self, **fields) -> None:
         """Change the status; the heartbeat writes it soon, but only when something really changed."""
@@ -91,39 +107,10 @@ class Context:
         """Report progress of the current job (0..1); shown live in the admin."""
         self.update(progress=round(float(fraction), 3), **({"detail": detail} if detail else {}))
 
-
-class Heartbeat(threading.Thread):
-    """Writes the meta row and extends leases, on its own connection, and nothing else."""
-
-    MIN_SPACING = 0.2
-
-    def __init__(self, identity: registry.Identity, ctx: Context):
-        super().__init__(name="heartbeat", daemon=True)
-        self.identity, self.ctx = identity, ctx
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        interval = settings.EARMARK_HEARTBEAT_INTERVAL
-        try:
-            while not self.stop_event.is_set():
-                self.beat()
-                self.ctx.changed.wait(interval)
-                self.stop_event.wait(self.MIN_SPACING)
-        finally:
-            connections.close_all()
-
-    def beat(self) -> None:
-        self.ctx.changed.clear()
-        try:
-            registry.write(self.identity, self.ctx.status)
-            queue.extend_leases(self.identity.key, self.identity.boot_id)
-        except Exception:  # a busy database must not kill the heartbeat; the next beat retries
-            log.exception("heartbeat failed")
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.ctx.changed.set()
-        self.join(timeout=10)
+    def ensure_held(self, job_id: int) -> None:
+        """Raise ``LeaseLost`` unless the job is still ours: call it right before a write a second holder would repeat."""
+        if job_id not in self.still_held([job_id]):
+            raise LeaseLost(f"job {job_id} was taken from this worker")
 
 
 class Upkeep(threading.Thread):
@@ -163,7 +150,7 @@ class Runner:
         self.max_jobs = max_jobs
         self.ctx = Context()
         self.stopping = False
-        self.held: list[int] = []
+        self.held: dict[int, bool] = {}  # job id -> charged an attempt yet (``leases.begin``)
         self.ahead: list[ClaimedJob] = []  # the next batch, claimed and prepared (``Worker.lookahead``)
         self.finished: list[int] = []
         self.results: dict[int, dict] = {}
@@ -200,6 +187,7 @@ class Runner:
         self._install_signals()
         registry.write(self.identity, self.ctx.status)
         queue.rescue_predecessor(self.identity.key, self.identity.boot_id)
+        self.ctx.still_held = self._still_held
         heartbeat, upkeep = Heartbeat(self.identity, self.ctx), Upkeep()
         heartbeat.start()
         upkeep.start()
@@ -253,9 +241,11 @@ class Runner:
                                     channels=[dialect.queue_channel(self.worker.queue)])
 
     def _claim(self, prepare: bool = False) -> list[ClaimedJob]:
+        """Claim a batch; charged at once only when its one job starts right away (see ``queue.claim``)."""
+        batch = self.batch_override or self.worker.batch_size  # the worker may size it in setup()
+        charge = batch == 1 and not self.worker.lookahead
         try:
-            batch = self.batch_override or self.worker.batch_size  # the worker may size it in setup()
-            jobs = queue.claim(self.worker.queue, self.identity.key, self.identity.boot_id, batch)
+            jobs = queue.claim(self.worker.queue, self.identity.key, self.identity.boot_id, batch, charge=charge)
         except OperationalError as exc:  # e.g. the busy timeout ran out under heavy load: try again
             log.warning("%s: claim failed (%s); retrying", self.identity.key, exc)
             time.sleep(0.5)
@@ -264,7 +254,7 @@ class Runner:
         # again is already in hand: the new claim renews its lease for the copy being
         # processed, and holding it twice would run it twice.
         jobs = [j for j in jobs if j.id not in self.held]
-        self.held += [j.id for j in jobs]
+        self.held.update((j.id, charge) for j in jobs)
         if prepare and len(jobs) > 1:
             self.worker.prepare(jobs, self.ctx)
         return jobs
@@ -280,18 +270,41 @@ class Runner:
                 break
             self._run_one(job)
         self._flush(force=True)
-        unfinished = [j.id for j in jobs if j.id in self.held]
-        if unfinished:
-            queue.release(unfinished, self.identity.key)
-            self.held = [i for i in self.held if i not in unfinished]
+        self._release([j.id for j in jobs if j.id in self.held])
+
+    def _release(self, job_ids: list[int]) -> None:
+        """Hand back jobs we hold but will not finish, refunding the attempts of those begun."""
+        if job_ids:
+            queue.release(job_ids, self.identity.key, self.identity.boot_id,
+                          uncharged=[i for i in job_ids if not self.held[i]])
+            for job_id in job_ids:
+                del self.held[job_id]
+
+    def _begin(self, job: ClaimedJob) -> bool:
+        """Charge the job's attempt before working on it (if the claim did not); False if it is no longer ours."""
+        if self.held[job.id]:
+            return True
+        if job.id not in leases.begin([job.id], self.identity.key, self.identity.boot_id):
+            return False
+        job.attempts += 1
+        self.held[job.id] = True
+        return True
+
+    def _still_held(self, job_ids: list[int]) -> set[int]:
+        return leases.held(job_ids, self.identity.key, self.identity.boot_id)
 
     def _run_one(self, job: ClaimedJob) -> None:
         self.ctx.update(state="busy", job=job.id, job_key=job.key, progress=0.0, detail=None,
                         job_started=time.time())
         try:
+            if not self._begin(job):
+                raise LeaseLost(f"job {job.id} was taken from this worker before it began")
             result = self.worker.process(job, self.ctx)
         except ImmediateStop:
             raise
+        except LeaseLost as exc:
+            log.warning("%s: %s; dropped without finishing (its new holder runs it)", self.identity.key, exc)
+            self.ctx.update(lost=self.ctx.status.get("lost", 0) + 1)
         except PermanentError as exc:
             self._fail(job, str(exc), retry=False)
         except Exception as exc:
@@ -302,20 +315,23 @@ class Runner:
             self.finished.append(job.id)
             if result:
                 self.results[job.id] = result
-            self.ctx.status["done"] = self.ctx.status.get("done", 0) + 1
-        self.held.remove(job.id)
+            self.ctx.update(done=self.ctx.status.get("done", 0) + 1)
+        del self.held[job.id]
         self.processed += 1
         self._flush()
 
     def _fail(self, job: ClaimedJob, error: str, retry: bool) -> None:
-        queue.fail(job, self.identity.key, error, retry=retry)
-        self.ctx.status["failed"] = self.ctx.status.get("failed", 0) + 1
+        queue.fail(job, self.identity.key, error, retry=retry, boot_id=self.identity.boot_id)
+        self.ctx.update(failed=self.ctx.status.get("failed", 0) + 1)
 
     def _flush(self, force: bool = False) -> None:
         """Complete finished jobs in one statement, at most every FLUSH_SECONDS unless forced."""
         if not self.finished or (not force and time.monotonic() - self.last_flush < self.FLUSH_SECONDS):
             return
-        queue.complete(self.finished, self.identity.key, self.results)
+        done = queue.complete(self.finished, self.identity.key, self.results, boot_id=self.identity.boot_id)
+        if done < len(self.finished):
+            log.warning("%s: %d finished job(s) had been taken from this worker; their new holders finish them",
+                        self.identity.key, len(self.finished) - done)
         self.finished, self.results = [], {}
         self.last_flush = time.monotonic()
 
@@ -323,8 +339,7 @@ class Runner:
         """Complete what finished, release what did not, remove our row: nothing is left behind."""
         try:
             self._flush(force=True)
-            queue.release(self.held, self.identity.key)
-            self.held = []
+            self._release(list(self.held))
             self.worker.teardown()
         finally:
             upkeep.stop()

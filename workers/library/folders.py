@@ -25,7 +25,7 @@ from workers.audio.formats import format_for_path
 from workers.jobs import queue
 from workers.jobs.runtime import PermanentError
 from workers.library import fileinfo, paths, track_rows
-from workers.library.scan import resolved_root
+from workers.library.scan import progress_for, resolved_root
 from workers.models import Job, Library, Track
 from workers.tagfiles.tempfiles import TEMP_PREFIX_BYTES, remove_stale_temp_files
 from workers.tagging.manifest import current_model_version
@@ -178,11 +178,12 @@ def write_folder(library: Library, writes: FolderWrites, gen: int, result: Folde
     many folders' worth at once.
     """
     if writes.unlisted:
-        Track.objects.filter(library=library, folder__startswith=writes.folder_text).update(scan_gen=gen)
+        Track.objects.filter(library=library, folder__startswith=writes.folder_text, scan_gen__lt=gen).update(
+            scan_gen=gen)
         return [], []
     track_rows.insert_tracks(writes.create, prepared_insert)
     for track_id, fields in writes.update:
-        Track.objects.filter(id=track_id).update(**fields)
+        track_rows.update_track(track_id, fields)
     seen = set(writes.seen)
     result.missing = track_rows.mark_missing([t.id for p, t in writes.known.items() if p not in seen], gen)
     return [t.id for p, t in writes.known.items() if p in seen], writes.tag
@@ -249,6 +250,12 @@ def rescan_track(track: Track) -> Track | None:
 
     Marks the track missing when the file is gone; a file that became bad
     becomes a failed track, as in a folder scan.
+
+    ``track`` may have been read long before (by a tagger), while a scan
+    moved on: only the fields the re-read set are written, and its
+    generation goes up to the latest scan's (the file was just seen), never
+    down. A whole-row save wrote back the old generation, and the running
+    scan's finalize then marked the file missing.
     """
     path = paths.to_bytes(track.path)
     try:
@@ -267,14 +274,20 @@ def rescan_track(track: Track) -> Track | None:
         Track.objects.filter(id=track.id).update(state=Track.State.FAILED, error="no longer a regular audio file")
         return None
     writes = FolderWrites(track.folder)
-    scanned = _scan_file(track.library, path, track.path, kind, track, track.folder, track.scan_gen, True,
+    gen = max(track.scan_gen, scan_gen_of(track.library_id))
+    scanned = _scan_file(track.library, path, track.path, kind, track, track.folder, gen, True,
                          FolderResult(), writes)
-    if scanned is None:  # it failed: recorded as a folder scan records it
-        for track_id, fields in writes.update:
-            Track.objects.filter(id=track_id).update(**fields)
+    for track_id, fields in writes.update:  # a failure too is recorded as a folder scan records it
+        track_rows.update_track(track_id, fields)
+    if scanned is None:
         return None
-    track.save()  # _scan_file set the fresh fields on it
-    return track
+    track.scan_gen = Track.objects.filter(id=track.id).values_list("scan_gen", flat=True).first() or gen
+    return track  # with the fresh fields _scan_file set on it
+
+
+def scan_gen_of(library_id: int) -> int:
+    """The latest scan's generation: a file seen now has been seen by it (or will be, if it is running)."""
+    return progress_for(library_id).get("gen", 0)
 
 
 def _scan_file(library, path: bytes, text: str, kind, track, folder_text, gen, full, result, writes: FolderWrites):

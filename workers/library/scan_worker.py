@@ -18,6 +18,10 @@ from workers.models import Library
 from workers.tagging.manifest import current_model_version
 
 
+# What a folder job returns when it has nothing to do: it already committed, or its scan is over.
+SKIPPED = {"skipped": "already done, or its scan is over"}
+
+
 class ScanWorker(Worker):
     queue = "scan"
     batch_size = 1  # a folder job is already a batch of files
@@ -40,7 +44,7 @@ def process_job(payload: dict, library_id: int, progress=None) -> dict:
         except scan.ScanError as exc:
             Library.objects.filter(id=library.id).update(last_scan_error=str(exc))
             raise PermanentError(str(exc)) from None
-        return {"gen": state["gen"]}
+        return {"gen": state["gen"], **({"follow_up": True} if state.get("absorbed") else {})}
     if kind == "finalize":
         return scan.finalize(library, payload["gen"])
     if kind == "folder":
@@ -61,11 +65,18 @@ def process_folder(library: Library, payload: dict, progress) -> dict:
     time), what it has not reached is shared out the same way. Every folder
     is counted in the progress row as before, scanned inline or not, and all a
     job found is written in one transaction.
+
+    A job runs again when its worker died after that transaction committed
+    (the rescuer cannot know): the transaction also writes the job's done
+    marker, and a job whose marker is there does nothing (``SKIPPED``), so
+    that no folder is counted twice and no scan finalizes early.
     """
     gen, full = payload["gen"], bool(payload.get("full"))
+    if not scan.folder_job_is_due(library.id, gen, payload):
+        return dict(SKIPPED)
     started = time.monotonic()
     root, model_version = scan.resolved_root(library), current_model_version()
-    todo = [(paths.to_bytes(f), False) for f in reversed(payload.get("folders") or [payload["folder"]])]
+    todo = [(paths.to_bytes(f), False) for f in reversed(scan.job_folders(payload))]
     scanned: list[tuple[folders.FolderResult, folders.FolderWrites]] = []
     fanned: list[list[bytes]] = []  # sibling folders to share out as jobs of several folders
     while todo:
@@ -87,6 +98,8 @@ def process_folder(library: Library, payload: dict, progress) -> dict:
     inserts = [track_rows.prepare_insert(writes.create) for _, writes in scanned]
     # One transaction for all the job changed: tracks and tag jobs, the folders left as jobs, the progress row.
     with transaction.atomic():
+        if not scan.claim_folder_job(library.id, gen, payload):  # a twin committed first
+            return dict(SKIPPED)
         seen_ids, tag = [], []
         for (result, writes), prepared in zip(scanned, inserts):
             folder_seen, folder_tag = folders.write_folder(library, writes, gen, result, prepared)

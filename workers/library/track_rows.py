@@ -1,5 +1,11 @@
 """The scanner's bulk writes of track rows: multi-row INSERT ... RETURNING, generation stamps, missing marks.
 
+A track's ``scan_gen`` only ever goes up: every write of it here is
+conditional (``WHERE scan_gen < gen``, or ``GREATEST``), since a write that
+lowered it (a rescan's object read before a scan moved on, a late job of
+an earlier scan) would make the running scan's finalize mark a present file
+missing. Nothing writes a track's row whole from an object read earlier.
+
 A first scan of a large library inserts hundreds of thousands of rows, and
 every folder job stamps the tracks it saw; the ORM's per-object cost was
 larger than the rows themselves, so these statements are built by hand
@@ -10,6 +16,8 @@ from __future__ import annotations
 import functools
 
 from django.db import connection
+from django.db.models import F, Value
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from workers.models import Track
@@ -91,12 +99,19 @@ def insert_tracks(new: list, prepared: list | None = None) -> None:
 
 
 def stamp_seen(track_ids: list[int], gen: int) -> None:
-    """Mark the known tracks this scan saw (in chunks: SQLite bounds the number of parameters)."""
+    """Mark the known tracks this scan saw (in chunks: SQLite bounds the number of parameters); never lowers."""
     with connection.cursor() as cur:
         for start in range(0, len(track_ids), 900):
             chunk = track_ids[start : start + 900]
-            cur.execute(f"UPDATE {TRACK} SET scan_gen = %s WHERE id IN ({', '.join(['%s'] * len(chunk))})",
-                        [gen, *chunk])
+            cur.execute(f"UPDATE {TRACK} SET scan_gen = %s WHERE scan_gen < %s "
+                        f"AND id IN ({', '.join(['%s'] * len(chunk))})", [gen, gen, *chunk])
+
+
+def update_track(track_id: int, fields: dict) -> int:
+    """Write only these fields of one track; a ``scan_gen`` among them never lowers the stored one."""
+    if "scan_gen" in fields:
+        fields = {**fields, "scan_gen": Greatest(F("scan_gen"), Value(fields["scan_gen"]))}
+    return Track.objects.filter(id=track_id).update(**fields)
 
 
 def mark_missing(track_ids: list[int], gen: int) -> int:

@@ -17,6 +17,9 @@ REASONS = {
     errno.EIO: "input/output error (the disk may be failing)",
     errno.ENAMETOOLONG: "file name too long for a temporary copy",
     errno.EMFILE: "too many open files",
+    # Not from the kernel: the safe writer's own refusal (``identity.refuse_hard_links``).
+    errno.EMLINK: "the file has hard links; replacing it would break them, "
+                  "so Earmark does not write tags into hard-linked files",
 }
 
 

@@ -15,9 +15,32 @@ never change. So ``safe_write_tags`` never edits the original:
    stream parameters (duration, rate, channels, codec) match, the first
    packets still decode to the same samples, and the audio bytes are
    identical (see ``verify_same_audio`` for how, per format, and what it costs);
-5. fsync the clone, give it the original's mode (and owner where allowed),
-   ``os.replace`` it over the original and fsync the directory, so that after
-   a crash the path holds either the old file or the new one, whole.
+5. give the clone the original's identity (owner and group where allowed,
+   mode with set-id bits, ``user.*`` extended attributes, POSIX ACL, atime;
+   ``identity.copy_identity``), fsync it, check the original is still the
+   file the clone was made from, ``os.replace`` the clone over it and fsync
+   the directory, so that after a crash the path holds either the old file
+   or the new one, whole. The new file's mtime is the time of the write, so
+   music servers and backups see the change.
+
+A user's program may save the file while this runs. Right before the
+rename the original's stat identity is compared with the one taken at the
+start (inode, device, link count, size, mtime and ctime: the kernel moves
+ctime on every write or ``utime``, so an edit that restored the mtime is
+seen), and its first and last MiB with the clone's as copied (for
+filesystems without a real ctime, such as vfat); any difference raises
+``FileChangedError`` and the user's file stays as they left it. The window
+between that last check and the rename cannot be closed without locks that
+other programs do not take; it is kept as small as it can be: the last
+``lstat`` is the step right before ``os.replace``.
+
+Hard-linked files are refused (``TagWriteError``, ``errno`` ``EMLINK``):
+a rename gives the path a new inode, so the file's other names would keep
+the old bytes and silently become a separate file. Writing the verified
+clone's bytes back into the original inode would keep the links, but a
+crash half way through would damage every name of the file at once, and
+no backup can be restored by a process that has died; so Earmark skips
+such files and says why.
 
 Any failure removes the clone and raises ``TagWriteError`` with a reason a
 person can act on; the original is untouched. Leftover clones from killed
@@ -41,7 +64,7 @@ import time
 from contextlib import contextmanager
 
 from workers.audio.formats import format_for_path
-from workers.tagfiles import namespace as tagfile
+from workers.tagfiles import identity, namespace as tagfile
 from workers.tagfiles.errors import REASONS, FileChangedError, SafeWriteError, TagWriteError, WriteResult
 from workers.tagfiles.tempfiles import TEMP_PREFIX, writer_tag
 from workers.tagfiles.verify import verify_same_audio
@@ -79,6 +102,7 @@ def safe_write_tags(
         original = tagfile.open_tags(path, fmt)
         if original.earmark() == wanted:
             return WriteResult(path, False, before.st_size, before.st_mtime_ns, timings=timings)
+        identity.refuse_hard_links(before)
         original.check_rewritable()
         user_before = original.user()
 
@@ -87,17 +111,18 @@ def safe_write_tags(
     try:
         with _stage("copy", timings, path):
             copy_method = _clone_into(path, fd, before.st_size)
+            copied = identity.fingerprint(fd, before.st_size)
         with _stage("write", timings, path):
             tagfile.write_earmark_tags(tmp, wanted, fmt)
         with _stage("verify", timings, path):
             _verify_tags(tmp, fmt, wanted, user_before)
             verify_method = verify_same_audio(path, tmp, fmt)
         with _stage("replace", timings, path):
-            owner_kept = _match_metadata(fd, before)
+            owner_kept = identity.copy_identity(path, fd, before)
             os.fsync(fd)
             os.close(fd)
             fd = -1
-            _check_unchanged(path, before)
+            _check_unchanged(path, before, copied)
             os.replace(tmp, path)
             tmp = None
             _fsync_directory(directory)
@@ -189,17 +214,22 @@ def _check_expected(path: str, st: os.stat_result, size: int | None, mtime_ns: i
         raise FileChangedError(path, "the file was modified since the scan")
 
 
-def _check_unchanged(path: str, before: os.stat_result) -> None:
+def _check_unchanged(path: str, before: os.stat_result, copied: bytes) -> None:
     """Re-check just before replacing, so a concurrent edit is not lost.
 
     Between reading the original and replacing it, a user's tagger may have
-    saved it; replacing would silently drop that edit.
+    saved it; replacing would silently drop that edit. The stat identity
+    (ctime included) is checked, then the content fingerprint against the
+    clone's as copied, then the stat identity once more as the very last
+    step before ``os.replace``: an edit landing between that ``lstat`` and
+    the rename is still lost, a window no check can close without locks
+    that other programs do not take; nothing else runs inside it.
     """
-    now = _stat_regular(path)
-    if (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) != (
-        before.st_ino, before.st_dev, before.st_size, before.st_mtime_ns
-    ):
-        raise FileChangedError(path, "the file changed while its tags were being written")
+    identity.same_file(path, before)
+    if identity.fingerprint_path(path, before.st_size) != copied:
+        raise FileChangedError(path, "the file's content changed while its tags were being written "
+                                     "(its size and modification time did not)")
+    identity.same_file(path, before)
 
 
 def _verify_tags(tmp: str, fmt: str | None, wanted: tagfile.Fields, user_before: dict) -> None:
@@ -268,27 +298,6 @@ def _copy_file_range(src_fd: int, dst_fd: int, size: int) -> None:
         copied += n
     if copied < size:
         raise OSError(errno.EIO, f"short copy: {copied} of {size} bytes")
-
-
-def _match_metadata(fd: int, original: os.stat_result) -> bool:
-    """Give the copy the original's permission bits, owner and group.
-
-    ``mkstemp`` creates 0600 files; without this a shared library's files
-    would become unreadable to the music server. Changing the owner needs
-    privileges a worker usually lacks: then the new file stays the worker's
-    and this returns False (the caller reports it).
-    """
-    os.fchmod(fd, stat.S_IMODE(original.st_mode))
-    current = os.fstat(fd)
-    if (current.st_uid, current.st_gid) == (original.st_uid, original.st_gid):
-        return True
-    try:
-        os.fchown(fd, original.st_uid, original.st_gid)
-    except PermissionError:
-        return False
-    # chown clears set-id bits on some systems; restore them.
-    os.fchmod(fd, stat.S_IMODE(original.st_mode))
-    return True
 
 
 def _fsync_directory(directory: str) -> None:

@@ -34,7 +34,7 @@ from workers.library import checks, paths
 from workers.audio.decode import DecodeError
 from workers.models import Track
 from workers.jobs.queue import ClaimedJob
-from workers.jobs.runtime import Context, PermanentError, Worker
+from workers.jobs.runtime import Context, LeaseLost, PermanentError, Worker
 from workers.tagfiles.safewrite import safe_write_tags
 from workers.tagging import apply, scores
 
@@ -103,9 +103,9 @@ class TagWorker(Worker):
         batch = self.batches.pop(job.id, None)
         if batch is not None and job.id in batch.decoded:
             return self._process_batched(job, batch, ctx)
-        return self._process_one(batch.track(job.id) if batch else checks.track_for_job(job.track_id), ctx)
+        return self._process_one(job.id, batch.track(job.id) if batch else checks.track_for_job(job.track_id), ctx)
 
-    def _process_one(self, track: Track, ctx: Context) -> dict:
+    def _process_one(self, job_id: int, track: Track, ctx: Context) -> dict:
         """One file, top to bottom: file facts → decode and infer → calibrate → tag set → safe write → record."""
         ctx.update(file=track.path)
         if track.state == Track.State.MISSING:  # file facts: ``checks.track_for_job`` found it gone
@@ -114,6 +114,7 @@ class TagWorker(Worker):
         calibration = calibrated.current()  # calibrate
         write = apply.plan(track, *analysis.mappings(), self.analyzer.model_version, calibration)  # tag set
         ctx.progress(0.8, "writing tags")
+        ctx.ensure_held(job_id)  # a job taken from us is written by its new holder, not twice at once
         written = apply.write(write)  # safe write
         return self._record(track, analysis, written)  # record
 
@@ -149,8 +150,11 @@ class TagWorker(Worker):
             ctx.update(gpu_memory=self._gpu_memory())
             analyses = {job_id: results[i] for job_id, i in batch.decoded.items()}
             cal, version = calibrated.current(), self.analyzer.model_version
+            ours = ctx.still_held(list(analyses))  # the fence before the writes, as in ``_process_one``
             for job_id, analysis in analyses.items():
-                if isinstance(analysis, BaseException):
+                if job_id not in ours:
+                    analyses[job_id] = LeaseLost(f"job {job_id} was taken from this worker")
+                if isinstance(analyses[job_id], BaseException):
                     continue
                 try:
                     write = apply.plan(batch.checked[job_id], *analysis.mappings(), version, cal)
