@@ -27,7 +27,8 @@ pytest_plugins = [p for p in ("tests.conftest_models",) if (ROOT / "tests" / "co
 
 # The modules that run on both databases: the queue, the worker runtime, the scanner, the
 # broker, and the PostgreSQL-only tests.
-POSTGRES_MODULES = ("jobs/test_queue", "jobs/test_worker_processes", "library/test_scanner", "library/test_scan_races", "live/test_broker", "jobs/test_postgres")
+POSTGRES_MODULES = ("jobs/test_queue", "jobs/test_queue_properties", "jobs/test_leases", "jobs/test_worker_processes",
+                    "library/test_scanner", "library/test_scan_races", "live/test_broker", "jobs/test_postgres")
 
 
 def on_postgres() -> bool:

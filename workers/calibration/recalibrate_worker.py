@@ -23,7 +23,6 @@ sends it back to the scanner, as for any file changed behind our back.
 """
 from __future__ import annotations
 
-import errno
 import os
 import time
 
@@ -46,10 +45,6 @@ from workers.tagging.apply import FileChanged
 #: that of 20 of its rows), few enough that a stopping worker hands back
 #: little and workers finish a queue together.
 BATCH_SIZE = 16
-
-#: Write failures no retry can fix; any other (a busy NAS, a full disk, a read-only
-#: remount that the next mount undoes) is retried with backoff, as in the tagger.
-PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
 
 LABELS_DIGEST = scores.labels_digest(compute.LABEL_ORDER)
 
@@ -97,7 +92,7 @@ class RecalibrateWorker(Worker):
         except FileChanged:
             return {"rescanned": self._after_rescan(track)}
         except TagWriteError as exc:
-            if exc.errno in PERMANENT_ERRNOS:
+            if exc.permanent:
                 raise PermanentError(exc.reason) from None
             raise
         return {"written": changed, "calibration": target.version}

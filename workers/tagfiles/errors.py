@@ -39,6 +39,12 @@ class FileChangedError(SafeWriteError):
         return type(self), (self.path, self.reason)
 
 
+#: Write failures no retry can fix: no permission, or a hard-linked file (which Earmark
+#: never replaces). Any other (a busy NAS, a full disk, a read-only remount that the
+#: next mount undoes) is retried with backoff.
+PERMANENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EMLINK})
+
+
 class TagWriteError(SafeWriteError):
     """The tags could not be written safely; the original is untouched.
 
@@ -52,6 +58,11 @@ class TagWriteError(SafeWriteError):
         self.reason = reason
         self.stage = stage
         self.errno = errno_
+
+    @property
+    def permanent(self) -> bool:
+        """True when no retry can fix it (``PERMANENT_ERRNOS``); any other failure is retried with backoff."""
+        return self.errno in PERMANENT_ERRNOS
 
     def __reduce__(self):
         return _tag_write_error, (self.reason, self.stage, self.errno)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from django.utils import timezone
 
+from workers.jobs.runtime import PermanentError
 from workers.library import folders, paths
 from workers.models import Library, Track
 from workers.tagfiles.errors import FileChangedError, TagWriteError, WriteResult
@@ -111,6 +112,8 @@ def raise_write_error(track: Track, exc: Exception):
                           "it was re-scanned and will be tagged again") from None
     if isinstance(exc, TagWriteError):
         Track.objects.filter(id=track.id).update(error=f"tag write failed: {exc.reason}")
+        if exc.permanent:  # retrying cannot help: fail the job at once, with the reason
+            raise PermanentError(exc.reason) from None
     raise exc
 
 
