@@ -1,3 +1,5 @@
+import os
+
 from django.apps import AppConfig
 
 
@@ -11,7 +13,10 @@ class WorkersConfig(AppConfig):
 
         Every process (workers and web) runs maintenance through the same
         ``workers.jobs.maintenance.SERVICES``; importing these modules fills it.
-        Both are torch-free.
+        Both are torch-free. A worker's heartbeat process only writes rows, and
+        skips them (they bring numpy and mutagen: 25 MB in each such process).
         """
+        if os.environ.get("EARMARK_HEARTBEAT_PROCESS"):
+            return
         from workers.calibration import auto  # noqa: F401
         from workers.library import scan  # noqa: F401

@@ -106,3 +106,42 @@ def test_a_batching_worker_that_dies_charges_only_the_job_in_hand(worker_env):
     rest = Job.objects.exclude(key="b0")
     assert [j.attempts for j in rest] == [0] * 7, "the jobs only held were never charged"
     assert set(rest.values_list("state", flat=True)) == {"queued"}
+
+
+def _heartbeat_children(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"workers.jobs.heartbeat" in cmdline:
+            children.append(int(entry))
+    return children
+
+
+def test_a_heartbeat_process_that_dies_is_replaced_and_dies_with_its_worker(worker_env):
+    worker = spawn("run_noop_worker", "scan", "--number", "1", env=worker_env)
+    try:
+        first = wait_for(lambda: _heartbeat_children(worker.pid), message="the heartbeat process")
+        os.kill(first[0], signal.SIGKILL)
+        second = wait_for(lambda: [p for p in _heartbeat_children(worker.pid) if p not in first],
+                          message="a new heartbeat process")
+        beat = Meta.objects.get(key=HOLDER).updated_at
+        wait_for(lambda: Meta.objects.get(key=HOLDER).updated_at > beat, message="beats from the new one")
+    finally:
+        worker.kill()
+        worker.communicate()
+    wait_for(lambda: not os.path.exists(f"/proc/{second[0]}") or _zombie(second[0]), timeout=5,
+             message="the heartbeat gone with its worker")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -114,3 +114,12 @@ def test_dead_pid_on_same_host_is_rescued_at_once(worker_env):
 def test_exit_when_idle_exits_zero_on_empty_queue(worker_env):
     proc = manage("run_noop_worker", "tag", "--exit-when-idle", env=worker_env, timeout=30)
     assert proc.returncode == 0
+
+
+def test_a_failing_command_says_why(worker_env, tmp_path):
+    env = dict(worker_env, DATABASE_URL=f"sqlite:///{tmp_path}/no/such/dir/db.sqlite3")
+    proc = manage("queue", "status", "--json", env=env, check=False)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("manage.py queue status failed: OperationalError: unable to open database file"), last
+    assert "DATABASE_URL" in last

@@ -188,7 +188,8 @@ class Runner:
         registry.write(self.identity, self.ctx.status)
         queue.rescue_predecessor(self.identity.key, self.identity.boot_id)
         self.ctx.still_held = self._still_held
-        heartbeat, upkeep = Heartbeat(self.identity, self.ctx), Upkeep()
+        self.heartbeat = heartbeat = Heartbeat(self.identity, self.ctx)
+        upkeep = Upkeep()
         heartbeat.start()
         upkeep.start()
         log.info("%s: started (pid %s, boot %s)", self.identity.key, self.identity.pid, self.identity.boot_id)
@@ -223,6 +224,7 @@ class Runner:
 
     def _loop(self) -> None:
         while not self.stopping:
+            self.heartbeat.revive()
             if self.max_jobs is not None and self.processed >= self.max_jobs:
                 return
             jobs, self.ahead = self.ahead or self._claim(True), []
