@@ -42,6 +42,7 @@ class ClaimedJob:
     library_id: int | None
     attempts: int
     max_attempts: int
+    charged: bool = True  # the claim counted an attempt (else ``leases.begin`` does, when work starts)
 
 
 @dataclass
@@ -153,7 +154,7 @@ def claim(queue: str, worker_id: str, boot_id: str, limit: int = 1, lease_second
     with connection.cursor() as cur:
         cur.execute(sql, params)
         rows = cur.fetchall()
-    jobs = [ClaimedJob(r[0], r[1], r[2], _json(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
+    jobs = [ClaimedJob(r[0], r[1], r[2], _json(r[3]), r[4], r[5], r[6], r[7], charge) for r in rows]
     jobs.sort(key=lambda j: j.id)
     return jobs
 
@@ -233,7 +234,8 @@ def release(job_ids: list[int], worker_id: str, boot_id: str | None = None, unch
     if not job_ids:
         return 0
     mine, params = held_by(worker_id, boot_id)
-    free = [i for i in job_ids if i in set(uncharged)]
+    uncharged = set(uncharged)
+    free = [i for i in job_ids if i in uncharged]
     refund = f"NOT {id_in(free)}" if free else "1 = 1"
     with connection.cursor() as cur:
         cur.execute(

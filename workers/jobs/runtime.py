@@ -95,6 +95,9 @@ class Context:
     changed: threading.Event = field(default_factory=threading.Event)
     #: The jobs among those given that are still this worker's (``leases.held``); the runner sets it.
     still_held: Callable[[list[int]], set[int]] = _hold_everything
+    #: Charge jobs whose work starts now (``leases.begin``), returning those still ours: for a
+    #: worker that works on several jobs at once (a GPU batch's shared forward pass).
+    begin: Callable[[list[int]], set[int]] = _hold_everything
 
     def update(self, **fields) -> None:
         """Change the status; the heartbeat writes it soon, but only when something really changed."""
@@ -150,7 +153,7 @@ class Runner:
         self.max_jobs = max_jobs
         self.ctx = Context()
         self.stopping = False
-        self.held: dict[int, bool] = {}  # job id -> charged an attempt yet (``leases.begin``)
+        self.held: dict[int, ClaimedJob] = {}  # by id: every job claimed and not yet finished or handed back
         self.ahead: list[ClaimedJob] = []  # the next batch, claimed and prepared (``Worker.lookahead``)
         self.finished: list[int] = []
         self.results: dict[int, dict] = {}
@@ -187,7 +190,7 @@ class Runner:
         self._install_signals()
         registry.write(self.identity, self.ctx.status)
         queue.rescue_predecessor(self.identity.key, self.identity.boot_id)
-        self.ctx.still_held = self._still_held
+        self.ctx.still_held, self.ctx.begin = self._still_held, self._begin
         self.heartbeat = heartbeat = Heartbeat(self.identity, self.ctx)
         upkeep = Upkeep()
         heartbeat.start()
@@ -256,7 +259,7 @@ class Runner:
         # again is already in hand: the new claim renews its lease for the copy being
         # processed, and holding it twice would run it twice.
         jobs = [j for j in jobs if j.id not in self.held]
-        self.held.update((j.id, charge) for j in jobs)
+        self.held.update((j.id, j) for j in jobs)
         if prepare and len(jobs) > 1:
             self.worker.prepare(jobs, self.ctx)
         return jobs
@@ -278,19 +281,19 @@ class Runner:
         """Hand back jobs we hold but will not finish, refunding the attempts of those begun."""
         if job_ids:
             queue.release(job_ids, self.identity.key, self.identity.boot_id,
-                          uncharged=[i for i in job_ids if not self.held[i]])
+                          uncharged=[i for i in job_ids if not self.held[i].charged])
             for job_id in job_ids:
                 del self.held[job_id]
 
-    def _begin(self, job: ClaimedJob) -> bool:
-        """Charge the job's attempt before working on it (if the claim did not); False if it is no longer ours."""
-        if self.held[job.id]:
-            return True
-        if job.id not in leases.begin([job.id], self.identity.key, self.identity.boot_id):
-            return False
-        job.attempts += 1
-        self.held[job.id] = True
-        return True
+    def _begin(self, job_ids: list[int]) -> set[int]:
+        """Charge the attempts of jobs whose work starts now (where the claim did not); returns those not lost."""
+        jobs = [self.held[i] for i in job_ids if i in self.held]
+        due = [j.id for j in jobs if not j.charged]
+        begun = leases.begin(due, self.identity.key, self.identity.boot_id) if due else set()
+        for job in jobs:
+            if job.id in begun:
+                job.attempts, job.charged = job.attempts + 1, True
+        return {j.id for j in jobs if j.charged and (j.id in begun or j.id not in due)}
 
     def _still_held(self, job_ids: list[int]) -> set[int]:
         return leases.held(job_ids, self.identity.key, self.identity.boot_id)
@@ -299,7 +302,7 @@ class Runner:
         self.ctx.update(state="busy", job=job.id, job_key=job.key, progress=0.0, detail=None,
                         job_started=time.time())
         try:
-            if not self._begin(job):
+            if job.id not in self._begin([job.id]):
                 raise LeaseLost(f"job {job.id} was taken from this worker before it began")
             result = self.worker.process(job, self.ctx)
         except ImmediateStop:

@@ -146,11 +146,12 @@ class TagWorker(Worker):
         """The batch's analyses by job id; the first call scores the batch and starts its tag writes."""
         if batch.analyses is None:
             started = time.perf_counter()
+            batch.charged = ctx.begin(list(batch.decoded))  # the forward pass works on all of them at once
             results = batch.pending.results()
             ctx.update(gpu_memory=self._gpu_memory())
             analyses = {job_id: results[i] for job_id, i in batch.decoded.items()}
             cal, version = calibrated.current(), self.analyzer.model_version
-            ours = ctx.still_held(list(analyses))  # the fence before the writes, as in ``_process_one``
+            ours = ctx.still_held(list(batch.charged))  # the fence before the writes, as in ``_process_one``
             for job_id, analysis in analyses.items():
                 if job_id not in ours:
                     analyses[job_id] = LeaseLost(f"job {job_id} was taken from this worker")
@@ -209,6 +210,7 @@ class _Batch:
     decoded: dict  # job id -> index in ``pending``, for the files being decoded
     pending: object  # pipeline.PendingBatch
     analyses: dict | None = None  # job id -> Analysis or exception, once scored
+    charged: set = field(default_factory=set)  # job ids charged an attempt when the batch was scored
     writes: dict = field(default_factory=dict)  # job id -> (apply.TagWrite, future of its safe write or None)
 
     def track(self, job_id: int) -> Track:
