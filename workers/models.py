@@ -146,6 +146,31 @@ class Meta(models.Model):
         return self.key
 
 
+class TrackTag(models.Model):
+    """One value Earmark wrote for a track (``genre: ambient``), with its calibrated strength.
+
+    ``Track.earmark_tags`` holds the same lists as JSON for display; this
+    table is what the admin filters, counts and searches on, with an index
+    per (category, value), so that "every calm track" and "how many tracks
+    per mood" stay fast at 100,000 tracks. Rows are replaced whenever a
+    track's tags are recorded (``workers.tagging.records``).
+    """
+
+    track = models.ForeignKey(Track, on_delete=models.CASCADE, related_name="tag_rows")
+    category = models.CharField(max_length=16)
+    value = models.CharField(max_length=64)
+    rank = models.SmallIntegerField(default=0, help_text="0 for the strongest value of its category.")
+    strength = models.FloatField(null=True, blank=True,
+                                 help_text="Calibrated strength, 0 (clearly absent) to 1 (clearly present).")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["track", "category", "value"], name="tracktag_unique")]
+        indexes = [models.Index(fields=["category", "value"], name="tracktag_category_value")]
+
+    def __str__(self):
+        return f"{self.category}: {self.value}"
+
+
 class Score(models.Model):
     """A track's raw model outputs: per label, the mean and spread over its 3 s patches.
 

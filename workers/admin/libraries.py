@@ -38,6 +38,20 @@ class LibraryAdmin(admin.ModelAdmin):
         ("Distribution", {"fields": ["distribution"]}),
     ]
 
+    def save_model(self, request, obj, form, change):
+        """A library added here is scanned at once: adding it is asking for its music to be tagged."""
+        super().save_model(request, obj, form, change)
+        if not change and obj.enabled:
+            scan.request_scan(obj, priority=ADMIN_PRIORITY)
+            self.message_user(request, f"Queued a scan of {obj.name}.", messages.SUCCESS)
+
+    def delete_model(self, request, obj):
+        libraries.remove_library(obj)
+
+    def delete_queryset(self, request, queryset):
+        for library in queryset:
+            libraries.remove_library(library)
+
     def get_queryset(self, request):
         """Counts the tracks in the list's one query, not one query per row."""
         return super().get_queryset(request).annotate(n_tracks=Count("tracks"))

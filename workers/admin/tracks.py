@@ -11,11 +11,13 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from workers.admin.common import ADMIN_PRIORITY, WorkerRows, json_block, pre, short, table
+from workers.admin.track_filters import CATEGORY_FILTERS, FormatFilter, StrengthFilter, tag_search
 from workers.jobs import queue
 from workers.library import paths
 from workers.models import Score, Track
 from workers.tagfiles.namespace import read_earmark_tags
 from workers.tagging import scores as stored_scores
+from workers.tagging.categories import CATEGORIES
 from workers.tagging.labels import combined_labels
 
 JOB_HISTORY = 50
@@ -51,9 +53,10 @@ def tags_in_file(track: Track):
 class TrackAdmin(WorkerRows, admin.ModelAdmin):
     """Tracks come from scans; the page shows them and queues work on them."""
 
-    list_display = ["short_path", "library", "state", "format", "artist", "title", "duration", "updated_at"]
-    list_filter = ["library", "state", "format"]
-    search_fields = ["path", "artist", "title"]
+    list_display = ["short_path", "library", "state", "format", "artist", "title", "duration",
+                     *(f"tags_{category}" for category in CATEGORIES)]
+    list_filter = ["library", "state", FormatFilter, *CATEGORY_FILTERS, StrengthFilter]
+    search_fields = ["path", "artist", "title"]  # and tag values: ``get_search_results``
     list_select_related = ["library"]
     actions = ["retag", "recalibrate"]
     show_full_result_count = False  # a COUNT(*) per page is slow on a large library
@@ -69,6 +72,13 @@ class TrackAdmin(WorkerRows, admin.ModelAdmin):
     @admin.display(description="path", ordering="path")
     def short_path(self, obj):
         return short(obj.path, 90)
+
+    def get_search_results(self, request, queryset, search_term):
+        """Paths, artists and titles as Django searches them, or a tag Earmark wrote (``piano``)."""
+        found, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        if search_term.strip():
+            found = found | queryset.filter(tag_search(search_term))
+        return found, may_have_duplicates
 
     @admin.display(description="tags read at scan")
     def user_tags(self, obj):
@@ -118,3 +128,15 @@ class TrackAdmin(WorkerRows, admin.ModelAdmin):
     @admin.action(description="Recalibrate (rewrite tags from stored scores)", permissions=["change"])
     def recalibrate(self, request, queryset):
         self._enqueue(request, queryset, "calibrate")
+
+
+def _tags_column(category: str):
+    """A list column with the track's values of one category, strongest first (from the row's JSON)."""
+    def column(self, obj):
+        return ", ".join((obj.earmark_tags or {}).get(category) or []) or "—"
+    column.short_description = category
+    return column
+
+
+for _category in CATEGORIES:
+    setattr(TrackAdmin, f"tags_{_category}", _tags_column(_category))

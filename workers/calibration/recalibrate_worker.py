@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import time
 
-from django.db import transaction
 from django.db.models import Subquery
 
 from workers.calibration import compute
@@ -104,7 +103,7 @@ class RecalibrateWorker(Worker):
         except (FileChangedError, TagWriteError) as exc:  # as ``apply.reported``, after one more step:
             self.records.flush()  # a re-scan must see this batch's rows as written
             apply.raise_write_error(track, exc)
-        self.records.add(track.id, **written.row())
+        self.records.add(track.id, written)
         return written.changed
 
     def _track(self, job: ClaimedJob) -> Track | None:
@@ -181,13 +180,13 @@ class PendingRecords:
     MAX_WAIT_S = 0.25
 
     def __init__(self):
-        self.rows: list[tuple[int, dict]] = []
+        self.rows: list[tuple[int, apply.Written]] = []
         self.since = 0.0
 
-    def add(self, track_id: int, **fields) -> None:
+    def add(self, track_id: int, written: "apply.Written") -> None:
         if not self.rows:
             self.since = time.monotonic()
-        self.rows.append((track_id, fields))
+        self.rows.append((track_id, written))
 
     def overdue(self) -> bool:
         return bool(self.rows) and time.monotonic() - self.since > self.MAX_WAIT_S
@@ -195,10 +194,7 @@ class PendingRecords:
     def flush(self) -> int:
         """Write every pending row in one transaction; returns how many."""
         rows, self.rows = self.rows, []
-        if rows:
-            with transaction.atomic():
-                for track_id, fields in rows:
-                    Track.objects.filter(id=track_id).update(**fields)
+        apply.record_many(rows)
         return len(rows)
 
 

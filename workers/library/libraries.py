@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 
 from django.core.exceptions import ValidationError
-from django.db.models import Count
+from django.db import transaction
+from django.db.models import Count, Q
 
-from workers.models import Library, Track
+from workers.models import Job, Library, Meta, Track
 
 
 def validate_root(path: str) -> str:
@@ -26,6 +27,25 @@ def add_library(name: str, path: str, write_mode: str = Library.WriteMode.MINIMA
     if write_mode not in Library.WriteMode.values:
         raise ValidationError(f"write mode must be one of {', '.join(Library.WriteMode.values)}")
     return Library.objects.create(name=name, root=root, write_mode=write_mode)
+
+
+def remove_library(library: Library) -> dict:
+    """Forget a library: cancel its queued jobs, delete its tracks (scores and tag rows with them) and scan rows.
+
+    Its files are not touched (``untag`` removes Earmark's tags first, where
+    wanted). A job running for it finishes on a track that no longer exists
+    and records nothing; jobs that finished stay in the history, without a
+    library, until pruned.
+    """
+    from workers.jobs import queue
+
+    with transaction.atomic():
+        queued = list(Job.objects.filter(library=library, state=Job.State.QUEUED).values_list("id", flat=True))
+        cancelled = queue.cancel(queued) if queued else 0
+        tracks, _ = Track.objects.filter(library=library).delete()
+        Meta.objects.filter(Q(key=f"scan:{library.id}") | Q(key__startswith=f"scanned:{library.id}:")).delete()
+        library.delete()
+    return {"cancelled": cancelled, "rows_deleted": tracks}
 
 
 def summary(library: Library, failed_limit: int = 100) -> dict:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from django.db import transaction
 from django.utils import timezone
 
 from workers.jobs.runtime import PermanentError
 from workers.library import folders, paths
-from workers.models import Library, Track
+from workers.models import Library, Track, TrackTag
 from workers.tagfiles.errors import FileChangedError, TagWriteError, WriteResult
 from workers.tagfiles.safewrite import safe_write_tags
 from workers.tagging.tagset import UNCALIBRATED, TagSet, build_tags
@@ -46,6 +47,13 @@ class Written:
         return dict(state=Track.State.TAGGED, error="", model_version=self.model_version,
                     calibration_version=self.calibration_version, earmark_tags=self.tagset.as_dict()["categories"],
                     size=self.size, mtime_ns=self.mtime_ns, tagged_at=now, updated_at=now)
+
+    def tag_rows(self, track_id: int) -> list[TrackTag]:
+        """The track's ``TrackTag`` rows for these tags: every value of every category, with its strength."""
+        strengths = self.tagset.strengths
+        return [TrackTag(track_id=track_id, category=category, value=value, rank=rank,
+                         strength=strengths.get(category, {}).get(value))
+                for category, values in self.tagset.categories.items() for rank, value in enumerate(values)]
 
 
 @dataclass
@@ -101,7 +109,22 @@ def write_file_tags(track: Track, means: dict, spreads: dict, model_version: str
 
 
 def record(track: Track, written: Written) -> None:
-    Track.objects.filter(id=track.id).update(**written.row())
+    record_many([(track.id, written)])
+
+
+def record_many(rows: list[tuple[int, Written]]) -> None:
+    """Put on each track's row what was written, and replace its tag rows (what the admin filters on).
+
+    One transaction for all: the recalibrator records a whole batch at once
+    (every commit waits on the filesystem's journal after the writes' fsyncs).
+    """
+    if not rows:
+        return
+    with transaction.atomic():
+        for track_id, written in rows:
+            Track.objects.filter(id=track_id).update(**written.row())
+        TrackTag.objects.filter(track_id__in=[track_id for track_id, _ in rows]).delete()
+        TrackTag.objects.bulk_create([tag for track_id, written in rows for tag in written.tag_rows(track_id)])
 
 
 def raise_write_error(track: Track, exc: Exception):

@@ -1,10 +1,11 @@
-"""``manage.py library add|list|show``: manage the libraries Earmark listens to."""
+"""``manage.py library add|remove|list|show``: manage the libraries Earmark listens to."""
 import json
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from workers.library.libraries import add_library, summary
+from workers.library import scan
+from workers.library.libraries import add_library, remove_library, summary
 from workers.models import Library
 
 
@@ -17,6 +18,9 @@ class Command(BaseCommand):
         add.add_argument("name")
         add.add_argument("path")
         add.add_argument("--write-mode", default="minimal", choices=Library.WriteMode.values)
+        add.add_argument("--no-scan", dest="scan_now", action="store_false", help="Do not queue a scan now.")
+        remove = sub.add_parser("remove", help="Forget a library: cancel its jobs, delete its rows (not its files).")
+        remove.add_argument("name")
         sub.add_parser("list", help="One line per library.")
         show = sub.add_parser("show", help="Track counts and failed files of one library.")
         show.add_argument("name")
@@ -25,12 +29,23 @@ class Command(BaseCommand):
     def handle(self, *args, action, **options):
         getattr(self, f"do_{action}")(**options)
 
-    def do_add(self, name, path, write_mode, **_):
+    def do_add(self, name, path, write_mode, scan_now=True, **_):
         try:
             lib = add_library(name, path, write_mode)
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None
         self.stdout.write(f"added library {lib.name} at {lib.root}")
+        if scan_now:
+            scan.request_scan(lib)
+            self.stdout.write("scan queued (the scanners start on it at once; `manage.py scan` waits for it)")
+
+    def do_remove(self, name, **_):
+        lib = Library.objects.filter(name=name).first()
+        if lib is None:
+            raise CommandError(f"no library named {name!r}")
+        done = remove_library(lib)
+        self.stdout.write(f"removed library {name}: {done['cancelled']} queued job(s) cancelled, "
+                          f"{done['rows_deleted']} row(s) deleted; its files are untouched")
 
     def do_list(self, **_):
         for lib in Library.objects.all():

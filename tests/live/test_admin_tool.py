@@ -1,0 +1,122 @@
+"""The admin as a tool (issue 15): finding music by what Earmark heard (tag columns, a filter per
+category with counts, a strength filter, search on tag values, the tag rows every recorded write
+leaves behind), and libraries that scan when added and take their jobs and rows when deleted."""
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from workers.library.libraries import add_library
+from workers.jobs import queue
+from workers.models import Job, Library, Meta, Score, Track, TrackTag
+from workers.tagging import apply
+from workers.tagging.tagset import build_tags
+
+pytestmark = pytest.mark.django_db
+
+URL = "/admin/workers/track/"
+
+
+@pytest.fixture
+def client(admin_user):
+    c = Client()
+    c.force_login(admin_user)
+    return c
+
+
+@pytest.fixture
+def library(tmp_path):
+    (tmp_path / "music").mkdir()
+    return add_library("music", str(tmp_path / "music"))
+
+
+def tagged(library, name: str, **categories: list[tuple[str, float]]) -> Track:
+    """A track with these written values (``mood=[("calm", 0.8)]``), recorded as a real write records them."""
+    track = Track.objects.create(library=library, path=f"{library.root}/{name}", folder=library.root,
+                                 format="mp3", state="tagged")
+    TrackTag.objects.bulk_create([TrackTag(track=track, category=c, value=v, rank=r, strength=s)
+                                  for c, values in categories.items() for r, (v, s) in enumerate(values)])
+    Track.objects.filter(id=track.id).update(earmark_tags={c: [v for v, _ in vs] for c, vs in categories.items()})
+    return track
+
+
+def listed(client, **params) -> str:
+    response = client.get(URL, params)
+    assert response.status_code == 200
+    return response.content.decode()
+
+
+def test_a_filter_per_category_with_counts_and_tag_columns(client, library):
+    tagged(library, "calm-piano.mp3", mood=[("calm", 0.9)], instrument=[("piano", 0.8), ("strings", 0.4)])
+    tagged(library, "calm-guitar.mp3", mood=[("calm", 0.55)], instrument=[("guitar", 0.7)])
+    tagged(library, "dark.mp3", mood=[("dark", 0.7)])
+    page = listed(client)
+    assert "calm (2)" in page and "dark (1)" in page and "piano (1)" in page, "choices with their counts"
+    assert "piano, strings" in page, "the instrument column lists the values, strongest first"
+    calm = listed(client, mood="calm")
+    assert "calm-piano.mp3" in calm and "calm-guitar.mp3" in calm and "dark.mp3" not in calm
+    both = listed(client, mood="calm", instrument="piano")
+    assert "calm-piano.mp3" in both and "calm-guitar.mp3" not in both
+
+
+def test_the_strength_filter_keeps_only_sure_tags(client, library):
+    tagged(library, "sure.mp3", mood=[("calm", 0.9)])
+    tagged(library, "unsure.mp3", mood=[("calm", 0.55)])
+    sure = listed(client, mood="calm", strength="0.75")
+    assert "sure.mp3" in sure and "unsure.mp3" not in sure
+    anything_sure = listed(client, strength="0.75")
+    assert "sure.mp3" in anything_sure and "unsure.mp3" not in anything_sure
+
+
+def test_search_finds_tag_values_as_well_as_paths(client, library):
+    tagged(library, "a.mp3", instrument=[("piano", 0.8)])
+    tagged(library, "b.mp3", instrument=[("guitar", 0.8)])
+    tagged(library, "piano-sonata.mp3", instrument=[("strings", 0.8)])
+    found = listed(client, q="Piano")
+    assert "a.mp3" in found and "piano-sonata.mp3" in found and "b.mp3" not in found
+
+
+def test_recording_a_write_replaces_the_tracks_tag_rows(library):
+    track = Track.objects.create(library=library, path=f"{library.root}/x.mp3", folder=library.root, format="mp3")
+    scores = {"mtt:piano": 0.95, "mtt:guitar": 0.01, "mtt:classical": 0.9}
+    first = build_tags(scores, models="m")
+    apply.record(track, apply.Written(first, True, 1, 1, "m", "uncalibrated"))
+    rows = {(t.category, t.value): t for t in TrackTag.objects.filter(track=track)}
+    assert ("instrument", "piano") in rows and rows[("instrument", "piano")].strength > 0.5
+    assert set(rows) == {(c, v) for c, vs in first.categories.items() for v in vs}
+    second = build_tags({"mtt:piano": 0.01, "mtt:guitar": 0.95, "mtt:classical": 0.01}, models="m")
+    apply.record(track, apply.Written(second, True, 1, 1, "m", "uncalibrated"))
+    now = set(TrackTag.objects.filter(track=track).values_list("category", "value"))
+    assert ("instrument", "piano") not in now and ("instrument", "guitar") in now
+    assert Track.objects.get(id=track.id).earmark_tags == second.categories
+
+
+def _form_post(client, url, data):
+    page = client.get(url)
+    token = page.cookies["csrftoken"].value if "csrftoken" in page.cookies else ""
+    return client.post(url, {**data, "csrfmiddlewaretoken": token})
+
+
+def test_a_library_added_in_the_admin_is_scanned_at_once(client, tmp_path):
+    (tmp_path / "new").mkdir()
+    response = _form_post(client, "/admin/workers/library/add/",
+                          {"name": "new", "root": str(tmp_path / "new"), "enabled": "on", "write_mode": "minimal"})
+    assert response.status_code == 302, response.content.decode()[:2000]
+    library = Library.objects.get(name="new")
+    job = Job.objects.get(queue="scan", key=f"library:{library.id}")
+    assert job.state == "queued"
+
+
+def test_deleting_a_library_cancels_its_jobs_and_removes_its_rows(client, library):
+    track = tagged(library, "a.mp3", mood=[("calm", 0.9)])
+    Score.objects.create(track=track, model_version="m", labels_version="l", means=b"", spreads=b"")
+    queue.enqueue("tag", f"tag:{track.id}", track_id=track.id, library_id=library.id)
+    queue.enqueue("scan", f"library:{library.id}", {"kind": "library"}, library_id=library.id)
+    Meta.objects.create(key=f"scan:{library.id}", value={"gen": 1, "state": "done"}, updated_at=timezone.now())
+    response = _form_post(client, f"/admin/workers/library/{library.id}/delete/", {"post": "yes"})
+    assert response.status_code == 302
+    assert not Library.objects.filter(id=library.id).exists()
+    assert not Track.objects.exists() and not TrackTag.objects.exists() and not Score.objects.exists()
+    assert set(Job.objects.values_list("state", flat=True)) == {"cancelled"}, "no orphan job is left to run"
+    assert not Meta.objects.filter(key=f"scan:{library.id}").exists()
