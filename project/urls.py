@@ -2,6 +2,7 @@
 from django.contrib import admin
 from django.urls import path
 
+from workers.admin.failures import failures_page
 from workers.live import views
 
 urlpatterns = [
@@ -9,6 +10,7 @@ urlpatterns = [
     path("admin/dashboard/", admin.site.admin_view(views.dashboard), name="earmark-dashboard"),
     path("admin/dashboard/plots/", admin.site.admin_view(views.plots_page), name="earmark-plots"),
     path("admin/dashboard/supervisor/", admin.site.admin_view(views.supervisor_control), name="earmark-supervisor"),
+    path("admin/failures/", admin.site.admin_view(failures_page), name="earmark-failures"),
     path("admin/", admin.site.urls),
     path("events/", views.events, name="earmark-events"),
 ]

@@ -8,6 +8,7 @@ from django.test import Client
 from django.utils import timezone
 
 from workers.library.libraries import add_library
+from workers.admin import failures
 from workers.jobs import queue
 from workers.models import Job, Library, Meta, Score, Track, TrackTag
 from workers.tagging import apply
@@ -120,3 +121,54 @@ def test_deleting_a_library_cancels_its_jobs_and_removes_its_rows(client, librar
     assert not Track.objects.exists() and not TrackTag.objects.exists() and not Score.objects.exists()
     assert set(Job.objects.values_list("state", flat=True)) == {"cancelled"}, "no orphan job is left to run"
     assert not Meta.objects.filter(key=f"scan:{library.id}").exists()
+
+
+# --- failures ---------------------------------------------------------------------------------
+
+FAILURES = "/admin/failures/"
+
+
+def test_failures_are_grouped_by_reason_with_counts_and_can_be_retried_or_ignored(client, library, tmp_path):
+    root = tmp_path / "music"
+    for n in range(3):  # three files the scanner could not read for the same reason
+        (root / f"bad{n}.mp3").write_bytes(b"not audio at all")
+        Track.objects.create(library=library, path=str(root / f"bad{n}.mp3"), folder=str(root), format="mp3",
+                             state="failed", error=f"not an audio file: {root}/bad{n}.mp3 starts with 16 bytes of text")
+    Track.objects.create(library=library, path=str(root / "gone.flac"), folder=str(root), format="flac",
+                         state="failed", error="quarantined: the tagger process died 3 times on this file "
+                                               "(last: worker:host:tag:0); it is skipped until the file changes")
+    queue.enqueue("scan", "folder:x", {"kind": "folder"}, library_id=library.id)
+    Job.objects.filter(key="folder:x").update(state="failed", last_error=f"cannot list {root}/sub: Permission denied")
+    page = client.get(FAILURES).content.decode()
+    assert "5 failures in 3 groups" in page
+    assert failures.reason_of(f"not an audio file: {root}/bad1.mp3 starts with 16 bytes of text") in page
+    assert page.count("bad0.mp3") == 1 and "bad2.mp3" in page, "examples of the group are listed"
+
+    token = client.get(FAILURES).cookies["csrftoken"].value
+    keys = [g.key for g in failures.groups()]
+    job_group = next(k for k in keys if k.startswith("job|"))
+    track_group = next(k for k in keys if "not an audio file" in k)
+    client.post(FAILURES, {"action": "retry", "group": [job_group, track_group], "csrfmiddlewaretoken": token})
+    assert Job.objects.get(key="folder:x").state == "queued", "the failed job is back in its queue"
+    assert Track.objects.filter(state="failed", path__contains="bad").count() == 3, "still not audio: re-read, failed"
+
+    quarantine = next(k for k in keys if k.startswith("track|") and "quarantined" in k)
+    client.post(FAILURES, {"action": "ignore", "group": [quarantine], "csrfmiddlewaretoken": token})
+    after = client.get(FAILURES).content.decode()
+    assert "quarantined" not in after and "1 reason ignored" in after
+    client.post(FAILURES, {"action": "unignore", "csrfmiddlewaretoken": token})
+    assert "quarantined" in client.get(FAILURES).content.decode()
+
+
+def test_the_failures_page_is_for_staff_and_acting_needs_the_change_permission(library, django_user_model):
+    viewer = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
+    anonymous = Client()
+    assert anonymous.get(FAILURES).status_code == 302, "sent to the login page"
+    c = Client()
+    c.force_login(viewer)
+    page = c.get(FAILURES)
+    assert page.status_code == 200 and 'name="group"' not in page.content.decode()
+    queue.enqueue("scan", "folder:y", {"kind": "folder"}, library_id=library.id)
+    Job.objects.filter(key="folder:y").update(state="failed", last_error="boom")
+    c.post(FAILURES, {"action": "retry", "group": [g.key for g in failures.groups()]})
+    assert Job.objects.get(key="folder:y").state == "failed", "a viewer cannot retry"
