@@ -172,3 +172,42 @@ def test_the_failures_page_is_for_staff_and_acting_needs_the_change_permission(l
     Job.objects.filter(key="folder:y").update(state="failed", last_error="boom")
     c.post(FAILURES, {"action": "retry", "group": [g.key for g in failures.groups()]})
     assert Job.objects.get(key="folder:y").state == "failed", "a viewer cannot retry"
+
+
+# --- the track page and its player --------------------------------------------------------------
+
+
+def test_the_track_page_shows_strengths_strongest_labels_and_a_player(client, library):
+    import numpy as np
+
+    from workers.tagging import scores as stored
+
+    track = tagged(library, "song.mp3", mood=[("calm", 0.91)], instrument=[("piano", 0.77)])
+    Score.objects.create(track=track, model_version="m", labels_version="l", patches=3,
+                         means=stored.pack(np.linspace(0.9, 0.1, 100)), spreads=stored.pack(np.zeros(100)))
+    page = client.get(f"/admin/workers/track/{track.id}/change/").content.decode()
+    assert "<td>calm</td><td>0.91</td>" in page and "<td>piano</td><td>0.77</td>" in page
+    assert "strongest first" in page and "<svg" in page, "the bar chart of the strongest labels"
+    assert f'<audio controls preload="none" src="/admin/workers/track/{track.id}/audio/">' in page
+
+
+def test_the_player_gets_the_file_with_range_requests_staff_only_and_inside_the_library(client, library, tmp_path):
+    data = bytes(range(256)) * 40
+    (tmp_path / "music" / "song.mp3").write_bytes(data)
+    track = tagged(library, "song.mp3")
+    url = f"/admin/workers/track/{track.id}/audio/"
+    whole = client.get(url)
+    assert whole.status_code == 200 and b"".join(whole.streaming_content) == data
+    assert whole["Content-Type"] == "audio/mpeg" and whole["Accept-Ranges"] == "bytes"
+    part = client.get(url, HTTP_RANGE="bytes=10-19")
+    assert part.status_code == 206 and part.content == data[10:20]
+    assert part["Content-Range"] == f"bytes 10-19/{len(data)}"
+    tail = client.get(url, HTTP_RANGE="bytes=-5")
+    assert tail.status_code == 206 and tail.content == data[-5:]
+    assert client.get(url, HTTP_RANGE=f"bytes={len(data)}-").status_code == 416
+    assert Client().get(url).status_code == 302, "anonymous: to the login page"
+    outside = tmp_path / "secret.mp3"
+    outside.write_bytes(b"not yours")
+    (tmp_path / "music" / "song.mp3").unlink()
+    (tmp_path / "music" / "song.mp3").symlink_to(outside)
+    assert client.get(url).status_code == 404, "a symlink leading out of the library is never followed"

@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import numpy as np
 from django.contrib import admin, messages
-from django.urls import reverse
+from django.core.exceptions import PermissionDenied
+from django.shortcuts import get_object_or_404
+from django.urls import path, reverse
 from django.utils.html import format_html
+from django.utils.safestring import mark_safe
 
+from workers.admin import listen
 from workers.admin.common import ADMIN_PRIORITY, WorkerRows, json_block, pre, short, table
 from workers.admin.track_filters import CATEGORY_FILTERS, FormatFilter, StrengthFilter, tag_search
 from workers.jobs import queue
 from workers.library import paths
+from workers.live import plots
 from workers.models import Score, Track
 from workers.tagfiles.namespace import read_earmark_tags
 from workers.tagging import scores as stored_scores
@@ -21,6 +26,7 @@ from workers.tagging.categories import CATEGORIES
 from workers.tagging.labels import combined_labels
 
 JOB_HISTORY = 50
+TOP_LABELS = 20
 
 
 def score_rows(score: Score) -> list[tuple[str, float, float]]:
@@ -64,8 +70,9 @@ class TrackAdmin(WorkerRows, admin.ModelAdmin):
         ("File", {"fields": ["library", "path", "state", "error", "format", "codec", "duration", "sample_rate",
                              "channels", "bitrate", "size", "mtime_ns", "scanned_at"]}),
         ("The user's tags", {"fields": ["artist", "album", "title", "user_tags"]}),
-        ("Earmark", {"fields": ["earmark_tags_written", "file_tags", "model_version", "calibration_version",
-                                "tagged_at", "scores"]}),
+        ("Listen", {"fields": ["player"]}),
+        ("Earmark", {"fields": ["written_tags", "file_tags", "model_version", "calibration_version",
+                                "tagged_at", "top_labels", "scores"]}),
         ("Jobs", {"fields": ["job_history"]}),
     ]
 
@@ -84,9 +91,36 @@ class TrackAdmin(WorkerRows, admin.ModelAdmin):
     def user_tags(self, obj):
         return json_block(obj.tags)
 
-    @admin.display(description="tags written (database)")
-    def earmark_tags_written(self, obj):
-        return json_block(getattr(obj, "earmark_tags", None))
+    @admin.display(description="what Earmark wrote")
+    def written_tags(self, obj):
+        """Per category, each value with its calibrated strength (0 clearly absent, 1 clearly present)."""
+        rows = [(t.category, t.value, "—" if t.strength is None else f"{t.strength:.2f}")
+                for t in obj.tag_rows.order_by("category", "rank")]
+        return table(["category", "value", "strength"], rows) if rows else "nothing written yet"
+
+    @admin.display(description="play")
+    def player(self, obj):
+        url = reverse("admin:workers_track_audio", args=[obj.pk])
+        return format_html('<audio controls preload="none" src="{}"></audio>', url)
+
+    @admin.display(description="strongest labels")
+    def top_labels(self, obj):
+        score = Score.objects.filter(track=obj).first()
+        if score is None:
+            return "no scores stored"
+        rows = score_rows(score)[:TOP_LABELS]
+        return mark_safe(plots.bar_chart([(name, round(mean * 100)) for name, mean, _ in rows],  # noqa: S308
+                                         "mean score × 100, strongest first"))  # plots escapes its labels
+
+    def get_urls(self):
+        audio = path("<int:track_id>/audio/", self.admin_site.admin_view(self.audio_view), name="workers_track_audio")
+        return [audio, *super().get_urls()]
+
+    def audio_view(self, request, track_id: int):
+        """The file for the page's player: staff who may view tracks, inside the library root, with ranges."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        return listen.audio_response(request, get_object_or_404(Track.objects.select_related("library"), pk=track_id))
 
     @admin.display(description="tags in the file now")
     def file_tags(self, obj):
