@@ -9,6 +9,7 @@ urlpatterns = [
     # Before admin.site.urls, whose catch-all would otherwise claim these paths.
     path("admin/dashboard/", admin.site.admin_view(views.dashboard), name="earmark-dashboard"),
     path("admin/dashboard/plots/", admin.site.admin_view(views.plots_page), name="earmark-plots"),
+    path("admin/dashboard/queues/", admin.site.admin_view(views.queue_control), name="earmark-queue-control"),
     path("admin/dashboard/supervisor/", admin.site.admin_view(views.supervisor_control), name="earmark-supervisor"),
     path("admin/failures/", admin.site.admin_view(failures_page), name="earmark-failures"),
     path("admin/", admin.site.urls),

@@ -218,3 +218,28 @@ def test_the_player_gets_the_file_with_range_requests_staff_only_and_inside_the_
     (tmp_path / "music" / "song.mp3").unlink()
     (tmp_path / "music" / "song.mp3").symlink_to(outside)
     assert client.get(url).status_code == 404, "a symlink leading out of the library is never followed"
+
+
+# --- the dashboard's queue controls ---------------------------------------------------------------
+
+
+def test_the_dashboard_pauses_resumes_retries_and_cancels_per_queue(client, library, django_user_model):
+    page = client.get("/admin/dashboard/").content.decode()
+    assert 'value="pause:tag"' in page and "confirm(" in page and "left (at that rate)" in page
+    token = client.get("/admin/dashboard/").cookies["csrftoken"].value
+    steer = "/admin/dashboard/queues/"
+    client.post(steer, {"action": "pause:tag", "csrfmiddlewaretoken": token})
+    assert queue.is_paused("tag")
+    client.post(steer, {"action": "resume:tag", "csrfmiddlewaretoken": token})
+    assert not queue.is_paused("tag")
+    queue.enqueue("tag", "t1")
+    queue.enqueue("tag", "t2")
+    client.post(steer, {"action": "cancel:tag", "csrfmiddlewaretoken": token})
+    assert set(Job.objects.values_list("state", flat=True)) == {"cancelled"}
+    client.post(steer, {"action": "retry:tag", "csrfmiddlewaretoken": token})
+    assert set(Job.objects.values_list("state", flat=True)) == {"queued"}
+    viewer = django_user_model.objects.create_user("viewer2", password="pw", is_staff=True)
+    c = Client()
+    c.force_login(viewer)
+    assert 'value="pause:tag"' not in c.get("/admin/dashboard/").content.decode()
+    assert c.post(steer, {"action": "pause:tag"}).status_code == 403 and not queue.is_paused("tag")

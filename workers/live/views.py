@@ -20,6 +20,7 @@ from django.views.decorators.http import require_POST
 from django_eventstream.utils import sse_encode_event
 from django_eventstream.views import events as eventstream_events
 
+from workers.jobs import queue
 from workers.live import plots, snapshots, supervisor_client
 from workers.live.broker import EVENT_SNAPSHOT, Broker, get_broker
 from workers.live.channels import StaffChannelManager
@@ -98,9 +99,31 @@ def dashboard(request):
         "initial_state": initial,
         "events_url": events_url(),
         "late_after": snapshots.late_after(),
+        "queue_names": queue.QUEUES,
+        "can_steer": request.user.has_perm(STEER_PERMISSION),
         **supervisor_context(request.user),
     }
     return render(request, "workers/dashboard.html", context)
+
+
+#: Who may pause, resume, retry and cancel from the dashboard: those who may do it on the Job pages.
+STEER_PERMISSION = "workers.change_job"
+QUEUE_ACTIONS = {"pause": queue.pause, "resume": queue.resume,
+                 "retry": lambda name: queue.retry(queue=name), "cancel": lambda name: queue.cancel(queue=name)}
+
+
+@require_POST
+def queue_control(request):
+    """One of the dashboard's per-queue buttons (each asked for confirmation in the page)."""
+    if not request.user.has_perm(STEER_PERMISSION):
+        raise PermissionDenied
+    action, _, name = request.POST.get("action", "").partition(":")
+    if action not in QUEUE_ACTIONS or name not in queue.QUEUES:
+        messages.error(request, "Unknown queue action.")
+        return redirect("earmark-dashboard")
+    n = QUEUE_ACTIONS[action](name)
+    messages.success(request, f"{action} {name}" + (f": {n} job(s)" if isinstance(n, int) else "") + ".")
+    return redirect("earmark-dashboard")
 
 
 def plots_page(request):

@@ -92,8 +92,19 @@
 
   // --- the sections ----------------------------------------------------------------
 
-  const QUEUE_CELLS = ["queue", "queued", "running", "done", "failed", "cancelled", "paused", "per_minute"]
+  const QUEUE_CELLS = ["queue", "queued", "running", "done", "failed", "cancelled", "paused", "per_minute", "eta"]
     .map(f => ({field: f}));
+
+  // What is left at the last minute's rate: "12 min", "3.5 h"; nothing when idle or stalled.
+  function eta(left, perMinute, paused) {
+    if (!left) return "";
+    if (paused) return "paused";
+    if (!perMinute) return "—";
+    const minutes = left / perMinute;
+    if (minutes < 1) return "< 1 min";
+    if (minutes < 90) return Math.round(minutes) + " min";
+    return (minutes / 60).toFixed(1) + " h";
+  }
 
   function drawQueues(state) {
     const tbody = document.querySelector("#earmark-queues tbody");
@@ -108,6 +119,7 @@
       for (const s of ["queued", "running", "done", "failed", "cancelled"]) setCell(row, s, text(counts[s]));
       setCell(row, "paused", counts.paused ? "paused" : "");
       setCell(row, "per_minute", text(rate[name] || 0));
+      setCell(row, "eta", eta((counts.queued || 0) + (counts.running || 0), rate[name] || 0, counts.paused));
     }
     dropMissing(tbody, keys);
   }
