@@ -236,6 +236,14 @@ def test_batched_scoring_equals_one_file_at_a_time(library, tagger, models):
     assert Track.objects.filter(state="tagged").count() == 4
 
 
+def test_a_long_file_reports_its_progress_as_it_is_scored(tagger, tmp_path):
+    path = make_file(tmp_path, "flac", seconds=130, channels=1, sample_rate=16000, name="long.flac")
+    heard = []
+    tagger.analyzer.analyze(path, progress=heard.append)
+    assert len(heard) >= 3 and heard == sorted(heard), "one report per decoded minute, moving forward"
+    assert abs(heard[-1] - 130) < 1
+
+
 def test_new_model_version_makes_tagged_tracks_due_again(library, tagger, models, settings):
     import json
 

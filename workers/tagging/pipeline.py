@@ -100,8 +100,12 @@ class Analyzer:
             outs.append(torch.cat([net(batch) for net in self.nets], dim=1))
         return torch.cat(outs).float().cpu()
 
-    def analyze(self, path, max_seconds: float | None = None) -> Analysis:
-        """Score one file; raises ``DecodeError`` or ``TooShortError`` for files that cannot be tagged."""
+    def analyze(self, path, max_seconds: float | None = None, progress=None) -> Analysis:
+        """Score one file; raises ``DecodeError`` or ``TooShortError`` for files that cannot be tagged.
+
+        ``progress(seconds)``, when given, hears how much audio is scored after
+        each decoded chunk (a minute), so a long file's progress moves.
+        """
         timings = {"decode": 0.0, "frontend": 0.0, "networks": 0.0}
         acc = _Accumulator(len(self.labels))
         stream = _PatchStream()
@@ -109,6 +113,8 @@ class Analyzer:
             t = time.perf_counter()
             acc.add(self.score_patches(patches))
             timings["networks"] += time.perf_counter() - t
+            if progress is not None:
+                progress(stream.samples / TARGET_SR)
         return self._finish(acc, stream.samples, timings)
 
     def _finish(self, acc: "_Accumulator", samples: int, timings) -> Analysis:

@@ -110,7 +110,9 @@ class TagWorker(Worker):
         ctx.update(file=track.path)
         if track.state == Track.State.MISSING:  # file facts: ``checks.track_for_job`` found it gone
             return {"missing": True}
-        analysis = _analyzed(track, lambda: self.analyzer.analyze(paths.to_bytes(track.path)))  # decode → infer
+        ctx.progress(0.0, "analysing")
+        analysis = _analyzed(track, lambda: self.analyzer.analyze(  # decode → infer
+            paths.to_bytes(track.path), progress=lambda seconds: ctx.progress(_share(seconds, track.duration))))
         calibration = calibrated.current()  # calibrate
         write = apply.plan(track, *analysis.mappings(), self.analyzer.model_version, calibration)  # tag set
         ctx.progress(0.8, "writing tags")
@@ -178,6 +180,11 @@ class TagWorker(Worker):
             except Exception as exc:  # noqa: BLE001 - process() raises it for the runner to record
                 checked[job.id] = exc
         return checked
+
+
+def _share(seconds: float, duration: float | None) -> float:
+    """The progress bar's place after ``seconds`` of a file scored: analysis is the first 80% of a job."""
+    return round(0.8 * min(1.0, seconds / duration), 3) if duration else 0.4
 
 
 def _analyzed(track: Track, compute):
