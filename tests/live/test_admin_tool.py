@@ -243,3 +243,18 @@ def test_the_dashboard_pauses_resumes_retries_and_cancels_per_queue(client, libr
     c.force_login(viewer)
     assert 'value="pause:tag"' not in c.get("/admin/dashboard/").content.decode()
     assert c.post(steer, {"action": "pause:tag"}).status_code == 403 and not queue.is_paused("tag")
+
+
+def test_the_dashboard_charts_jobs_done_per_minute_per_queue(client):
+    from datetime import timedelta
+
+    from workers.live import plots
+
+    now = timezone.now()
+    for n, minutes_ago in enumerate([1, 1, 1, 30]):
+        queue.enqueue("tag", f"done{n}")
+        Job.objects.filter(key=f"done{n}").update(state="done", finished_at=now - timedelta(minutes=minutes_ago))
+    tag_chart = plots.throughput_charts(now=now)[1]
+    assert "tag: jobs done per minute" in tag_chart and ">3<" in tag_chart, "the peak minute's count is labelled"
+    assert tag_chart.count("<rect") == 2, "two minutes had work"
+    assert "jobs done per minute" in client.get("/admin/dashboard/").content.decode()

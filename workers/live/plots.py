@@ -156,3 +156,28 @@ def distribution_charts(tracks, title_prefix: str = "") -> tuple[str, list[str]]
     """SVG bar charts, one per category, of ``library_distribution``."""
     what, groups = library_distribution(tracks)
     return what, [bar_chart(items, f"{title_prefix}{category}") for category, items in groups.items()]
+
+
+def throughput_charts(minutes: int = 60, now=None) -> list[str]:
+    """Jobs finished per minute over the last ``minutes``, one histogram per queue (tracks tagged per minute, …).
+
+    Read from the finished jobs themselves (``finished_at``), so the chart
+    needs no counters of its own and shows what really got done.
+    """
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from workers.jobs.queue import QUEUES
+    from workers.models import Job
+
+    now = now or timezone.now()
+    since = now - timedelta(minutes=minutes)
+    per_queue = {q: [0] * minutes for q in QUEUES}
+    for queue, finished in (Job.objects.filter(state="done", finished_at__gte=since)
+                            .values_list("queue", "finished_at").iterator(5000)):
+        slot = min(minutes - 1, int((finished - since).total_seconds() // 60))
+        if queue in per_queue:
+            per_queue[queue][slot] += 1
+    return [histogram(counts, -minutes, 0, f"{queue}: jobs done per minute, last {minutes} min (minutes ago)")
+            for queue, counts in per_queue.items()]

@@ -100,6 +100,7 @@ def dashboard(request):
         "events_url": events_url(),
         "late_after": snapshots.late_after(),
         "queue_names": queue.QUEUES,
+        "throughput_charts": plots.throughput_charts(),
         "can_steer": request.user.has_perm(STEER_PERMISSION),
         **supervisor_context(request.user),
     }
