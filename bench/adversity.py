@@ -93,6 +93,12 @@ class QueueMachine(RuleBasedStateMachine):
 
         Job.objects.all().delete()
         Meta.objects.all().delete()
+        # Retry backoffs last an hour here, so that only ``time_passes`` ends them: the model
+        # knows no clock, and a slow step (a loaded machine) must not let one run out by itself.
+        from workers.jobs import queue
+
+        self.backoff = queue.BACKOFF_BASE_S, queue.BACKOFF_CAP_S
+        queue.BACKOFF_BASE_S = queue.BACKOFF_CAP_S = 3600.0
         self.jobs: dict[int, ModelJob] = {}
         self.workers = [SimWorker(n, uuid.uuid4().hex[:16]) for n in range(WORKERS)]
         self.paused = False
@@ -100,6 +106,9 @@ class QueueMachine(RuleBasedStateMachine):
         TOTALS.examples += 1
 
     def teardown(self):
+        from workers.jobs import queue
+
+        queue.BACKOFF_BASE_S, queue.BACKOFF_CAP_S = self.backoff
         TOTALS.interleavings.add(hashlib.sha1(" ".join(self.trace).encode()).hexdigest())
 
     def _step(self, name: str) -> None:
@@ -166,7 +175,16 @@ class QueueMachine(RuleBasedStateMachine):
         got = queue.claim(QUEUE, w.key, w.boot, limit, charge=charge)
         ready = sorted(i for i, j in self.jobs.items() if j.state == "queued" and not j.delayed)
         expected = [] if self.paused else ready[:limit]
-        assert [j.id for j in got] == expected, f"claim gave {[j.id for j in got]}, the contract says {expected}"
+        if [j.id for j in got] != expected:
+            from django.utils import timezone
+
+            from workers.models import Job
+
+            odd = set(j.id for j in got) ^ set(expected)
+            rows = list(Job.objects.filter(id__in=odd).values("id", "state", "run_after", "attempts", "claimed_by"))
+            raise AssertionError(f"claim gave {[j.id for j in got]}, the contract says {expected}; rows {rows}, "
+                                 f"model {[self.jobs.get(i) for i in odd]}, now {timezone.now()}, "
+                                 f"trace {' '.join(self.trace[-25:])}")
         for job in got:
             m = self.jobs[job.id]
             m.state, m.owner, m.lease_expired = "running", (w.number, w.boot), False
@@ -235,8 +253,9 @@ class QueueMachine(RuleBasedStateMachine):
 
         w, job_id = self._pick_held(data)
         self._step("fail")
-        m, ours = self.jobs[job_id], self._owned(w, job_id)
-        job = ClaimedJob(job_id, QUEUE, m.key, {}, None, None, m.attempts, MAX_ATTEMPTS)
+        # (A stalled worker may still believe it holds a job rescued, finished and pruned since.)
+        m, ours = self.jobs.get(job_id), self._owned(w, job_id)
+        job = ClaimedJob(job_id, QUEUE, m.key if m else "gone", {}, None, None, m.attempts if m else 1, MAX_ATTEMPTS)
         state = queue.fail(job, w.key, "boom", retry=retry, boot_id=w.boot)
         del w.held[job_id]
         if not ours:

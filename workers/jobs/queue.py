@@ -142,15 +142,20 @@ def claim(queue: str, worker_id: str, boot_id: str, limit: int = 1, lease_second
     """
     now = timezone.now()
     lease = now + timedelta(seconds=lease_seconds or settings.EARMARK_LEASE_SECONDS)
+    # The picked ids in a materialized CTE, evaluated exactly once: as ``WHERE id IN (SELECT …
+    # LIMIT n FOR UPDATE SKIP LOCKED)`` PostgreSQL may run the sub-select again for the
+    # semi-join, and each run skips the rows the last one locked, so one claim took more
+    # than ``limit`` jobs (found by tests/jobs/test_queue_properties.py).
     sql = (
+        f"WITH picked AS MATERIALIZED (SELECT id FROM {JOB} WHERE queue = %s AND state = 'queued' "
+        f"AND run_after <= %s AND NOT EXISTS (SELECT 1 FROM {META} WHERE key = %s) "
+        f"ORDER BY priority, id LIMIT %s{dialect.claim_lock_clause(connection)}) "
         f"UPDATE {JOB} SET state = 'running', claimed_by = %s, boot_id = %s, lease_expires = %s, "
         f"attempts = attempts + {1 if charge else 0}, started_at = %s "
-        f"WHERE id IN (SELECT id FROM {JOB} WHERE queue = %s AND state = 'queued' AND run_after <= %s "
-        f"AND NOT EXISTS (SELECT 1 FROM {META} WHERE key = %s) "
-        f"ORDER BY priority, id LIMIT %s{dialect.claim_lock_clause(connection)}) "
+        "WHERE id IN (SELECT id FROM picked) "
         "RETURNING id, queue, key, payload, track_id, library_id, attempts, max_attempts"
     )
-    params = [worker_id, boot_id, _ts(lease), _ts(now), queue, _ts(now), paused_key(queue), limit]
+    params = [queue, _ts(now), paused_key(queue), limit, worker_id, boot_id, _ts(lease), _ts(now)]
     with connection.cursor() as cur:
         cur.execute(sql, params)
         rows = cur.fetchall()
