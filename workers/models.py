@@ -7,6 +7,10 @@ from django.db import models
 from django.db.models import Q
 
 
+def default_standard_limits() -> dict:
+    return {"genre": 2, "mood": 2}
+
+
 class Library(models.Model):
     class WriteMode(models.TextChoices):
         NONE = "none", "none (scores only)"
@@ -16,7 +20,21 @@ class Library(models.Model):
     name = models.CharField(max_length=200, unique=True)
     root = models.CharField(max_length=4096, help_text="Absolute path of the library's root directory.")
     enabled = models.BooleanField(default=True)
+    class StandardTags(models.TextChoices):  # workers.tagfiles.standard.POLICIES
+        OFF = "off", "off (Earmark's namespace only)"
+        FILL_EMPTY = "fill-empty", "fill empty (only where the file has none)"
+        APPEND = "append", "append (after the user's values)"
+        REPLACE = "replace", "replace (the user's values kept to restore)"
+
     write_mode = models.CharField(max_length=10, choices=WriteMode.choices, default=WriteMode.MINIMAL)
+    standard_tags = models.CharField(
+        max_length=12, choices=StandardTags.choices, default=StandardTags.FILL_EMPTY,
+        help_text="What goes into the standard genre and mood fields that players read.")
+    standard_limits = models.JSONField(
+        default=default_standard_limits, blank=True,
+        help_text='Categories written to standard fields and how many values at most, e.g. {"genre": 2, "mood": 2}.')
+    id3v23_separator = models.CharField(max_length=8, default="/",
+                                        help_text="Joins several values in ID3v2.3 files (v2.4 files hold lists).")
     created_at = models.DateTimeField(auto_now_add=True)
     last_scan_at = models.DateTimeField(null=True, blank=True)
     last_scan_error = models.TextField(blank=True, default="")
@@ -58,6 +76,8 @@ class Track(models.Model):
     error = models.TextField(blank=True, default="")
     earmark_tags = models.JSONField(default=dict, blank=True,
                                     help_text="The category lists Earmark last wrote (or would write) for this file.")
+    genre_low_confidence = models.BooleanField(
+        default=False, help_text="No genre passed its threshold: the best one above the floor was written.")
     model_version = models.CharField(max_length=100, blank=True, default="")
     calibration_version = models.CharField(max_length=100, blank=True, default="")
     scan_gen = models.IntegerField(default=0, help_text="The library scan that last saw this file.")

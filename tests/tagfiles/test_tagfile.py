@@ -331,10 +331,10 @@ def test_read_only_filesystem_is_named(tmp_path, monkeypatch):
 def test_damaged_audio_in_the_copy_is_caught(tmp_path, monkeypatch):
     path = make_user_file(tmp_path, "flac")
     digest = sha(path)
-    real_write = tagfile.write_earmark_tags
+    real_write = tagfile.write_tags
 
-    def write_and_flip_a_byte(target, fields, fmt=None):
-        changed = real_write(target, fields, fmt)
+    def write_and_flip_a_byte(target, fields, planned, fmt=None):
+        changed = real_write(target, fields, planned, fmt)
         with open(target, "r+b") as f:
             f.seek(-100, os.SEEK_END)
             byte = f.read(1)
@@ -342,7 +342,7 @@ def test_damaged_audio_in_the_copy_is_caught(tmp_path, monkeypatch):
             f.write(bytes([byte[0] ^ 0xFF]))
         return changed
 
-    monkeypatch.setattr(tagfile, "write_earmark_tags", write_and_flip_a_byte)
+    monkeypatch.setattr(tagfile, "write_tags", write_and_flip_a_byte)
     with pytest.raises(TagWriteError, match="verification failed") as caught:
         write(path)
     assert caught.value.stage == "verify"

@@ -50,7 +50,7 @@ def scan_library(library) -> None:
 
 def assert_tags_match_database(track: Track) -> None:
     tags = read_earmark_tags(track.path)
-    assert {k: v for k, v in tags.items() if k != "version"} == {k: v for k, v in track.earmark_tags.items() if v}
+    assert {k: v for k, v in tags.items() if k not in ("version", "standard") and not k.endswith("_confidence")} == {k: v for k, v in track.earmark_tags.items() if v}
     st = os.stat(track.path)
     assert (st.st_size, st.st_mtime_ns) == (track.size, track.mtime_ns)
 

@@ -18,7 +18,8 @@ from workers.jobs import gpu, queue
 from workers.audio.decode import decode
 from workers.models import Job, Library, Score, Track
 from workers.jobs.runtime import Context, PermanentError
-from workers.tagfiles.namespace import read_earmark_tags, read_user_tags
+from workers.tagfiles import standard
+from workers.tagfiles.namespace import open_tags, read_earmark_tags, read_user_tags
 from workers.tagging import scores
 
 from tests.audio_factory import make_file, make_truncated, tone
@@ -100,7 +101,15 @@ def test_round_trip_in_every_format(fmt, library, tagger, models):
     for category, values in track.earmark_tags.items():
         assert written.get(category, []) == values, category
     assert np.array_equal(decode(path).samples, audio_before), "the audio never changes"
-    assert read_user_tags(path) == user_before, "the user's own tags never change"
+    user_after = read_user_tags(path)
+    standard_keys = open_tags(path).STANDARD_KEYS
+    assert {k: v for k, v in user_after.items() if k not in standard_keys} == \
+        {k: v for k, v in user_before.items() if k not in standard_keys}, "the user's own tags never change"
+    # fill-empty, the default policy: the user's genre stays, Earmark's moods fill the empty mood field.
+    assert standard.user_values(open_tags(path), "genre") == ["Jazz"]
+    assert (open_tags(path).standard_raw("genre") or {}).get("text") == ["Jazz"]
+    moods = (open_tags(path).standard_raw("mood") or {}).get("text") or []
+    assert moods == track.earmark_tags.get("mood", [])[:2], moods
     assert os.stat(path).st_mode == mode_before
     assert (track.size, track.mtime_ns) == (os.stat(path).st_size, os.stat(path).st_mtime_ns)
     score = Score.objects.get(track=track)
@@ -357,7 +366,9 @@ def test_a_batching_tagger_pipelines_its_batches_and_outlives_a_decoder_crash(wo
     for job in done:
         assert job.result["written"] and job.result["timings"]["write"] > 0, job.result  # timed where it ran
     for path, user in before.items():
-        assert read_user_tags(path) == user and read_earmark_tags(path)["version"]
+        keys = open_tags(path).STANDARD_KEYS  # where fill-empty may add genre and mood (test_round_trip_…)
+        assert ({k: v for k, v in read_user_tags(path).items() if k not in keys}
+                == {k: v for k, v in user.items() if k not in keys}) and read_earmark_tags(path)["version"]
     assert not list(root.rglob(".earmark-tmp-*"))
     # Lookahead: the second batch was claimed before the first one's jobs were completed.
     first_finished = min(j.finished_at for j in done)

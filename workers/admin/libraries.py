@@ -17,7 +17,7 @@ from workers.models import Library, Track
 class LibraryForm(forms.ModelForm):
     class Meta:
         model = Library
-        fields = ["name", "root", "enabled", "write_mode"]
+        fields = ["name", "root", "enabled", "write_mode", "standard_tags", "standard_limits", "id3v23_separator"]
 
     def clean_root(self):
         """An existing directory, stored resolved (the same check as ``library add``)."""
@@ -27,13 +27,15 @@ class LibraryForm(forms.ModelForm):
 @admin.register(Library)
 class LibraryAdmin(admin.ModelAdmin):
     form = LibraryForm
-    list_display = ["name", "root", "enabled", "write_mode", "track_count", "scan_status", "last_scan_at"]
-    list_filter = ["enabled", "write_mode"]
+    list_display = ["name", "root", "enabled", "write_mode", "standard_tags", "track_count", "scan_status", "last_scan_at"]
+    list_filter = ["enabled", "write_mode", "standard_tags"]
     search_fields = ["name", "root"]
     actions = ["scan", "full_scan"]
     readonly_fields = ["scan_progress", "last_scan_at", "last_scan_error", "distribution"]
     fieldsets = [
         (None, {"fields": ["name", "root", "enabled", "write_mode"]}),
+        ("Standard fields (genre and mood where players look)",
+         {"fields": ["standard_tags", "standard_limits", "id3v23_separator"]}),
         ("Scans", {"fields": ["scan_progress", "last_scan_at", "last_scan_error"]}),
         ("Distribution", {"fields": ["distribution"]}),
     ]

@@ -61,7 +61,7 @@ class TrackAdmin(WorkerRows, admin.ModelAdmin):
 
     list_display = ["short_path", "library", "state", "format", "artist", "title", "duration",
                      *(f"tags_{category}" for category in CATEGORIES)]
-    list_filter = ["library", "state", FormatFilter, *CATEGORY_FILTERS, StrengthFilter]
+    list_filter = ["library", "state", FormatFilter, *CATEGORY_FILTERS, StrengthFilter, "genre_low_confidence"]
     search_fields = ["path", "artist", "title"]  # and tag values: ``get_search_results``
     list_select_related = ["library"]
     actions = ["retag", "recalibrate"]

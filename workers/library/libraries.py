@@ -20,13 +20,45 @@ def validate_root(path: str) -> str:
     return real
 
 
-def add_library(name: str, path: str, write_mode: str = Library.WriteMode.MINIMAL) -> Library:
+def add_library(name: str, path: str, write_mode: str = Library.WriteMode.MINIMAL,
+                standard_tags: str = Library.StandardTags.FILL_EMPTY) -> Library:
     root = validate_root(path)
     if Library.objects.filter(name=name).exists():
         raise ValidationError(f"a library named {name!r} already exists")
+    _check_choices(write_mode, standard_tags)
+    return Library.objects.create(name=name, root=root, write_mode=write_mode, standard_tags=standard_tags)
+
+
+def update_library(library: Library, write_mode: str | None = None, standard_tags: str | None = None,
+                   limits: dict | None = None, id3v23_separator: str | None = None) -> dict:
+    """Change a library's tag settings; returns what changed. Files change at their next tagging."""
+    _check_choices(write_mode or library.write_mode, standard_tags or library.standard_tags)
+    changed = {}
+    if write_mode:
+        changed["write_mode"] = write_mode
+    if standard_tags:
+        changed["standard_tags"] = standard_tags
+    if limits:
+        unknown = set(limits) - {"genre", "mood"}
+        if unknown or any(n < 0 for n in limits.values()):
+            raise ValidationError("standard limits are genre=N and mood=N with N >= 0")
+        changed["standard_limits"] = {**(library.standard_limits or {}), **limits}
+    if id3v23_separator is not None:
+        if not id3v23_separator or "\x00" in id3v23_separator:
+            raise ValidationError("the ID3v2.3 separator must be a non-empty string without NUL")
+        changed["id3v23_separator"] = id3v23_separator
+    for key, value in changed.items():
+        setattr(library, key, value)
+    if changed:
+        library.save(update_fields=list(changed))
+    return changed
+
+
+def _check_choices(write_mode: str, standard_tags: str) -> None:
     if write_mode not in Library.WriteMode.values:
         raise ValidationError(f"write mode must be one of {', '.join(Library.WriteMode.values)}")
-    return Library.objects.create(name=name, root=root, write_mode=write_mode)
+    if standard_tags not in Library.StandardTags.values:
+        raise ValidationError(f"standard tags must be one of {', '.join(Library.StandardTags.values)}")
 
 
 def remove_library(library: Library) -> dict:

@@ -26,10 +26,12 @@ NAMESPACE = "earmark"
 ID3_PREFIX = "earmark:"
 MP4_PREFIX = "----:com.apple.iTunes:earmark:"
 VORBIS_PREFIX = "EARMARK_"
+MP4_MOOD = "----:com.apple.iTunes:MOOD"  # Picard's mood atom
 
 _KEY = re.compile(r"^[a-z0-9_]+$")
 
 Fields = dict[str, list[str]]
+Raw = dict  # a standard field as stored: {"text": [str, ...], "encoding": int | None}
 
 
 class TagFileError(Exception):
@@ -58,6 +60,22 @@ class FileTags:
 
     def replace_earmark(self, fields: Fields) -> None:
         raise NotImplementedError
+
+    # The standard fields (``workers.tagfiles.standard``): genre and mood where players look.
+    #: ``user()`` keys of the standard fields, for comparisons that leave them out.
+    STANDARD_KEYS: frozenset[str] = frozenset()
+
+    def standard_raw(self, name: str) -> Raw | None:
+        """The field as stored (``{"text": [...], "encoding": …}``), None when the file has none."""
+        raise NotImplementedError
+
+    def set_standard_raw(self, name: str, raw: Raw | None) -> None:
+        """Store the field as ``raw`` says (None removes it), where it was in the tag."""
+        raise NotImplementedError
+
+    def joins_values(self) -> bool:
+        """Whether several values go into one joined string (ID3v2.3, as Picard writes it)."""
+        return False
 
     def save(self) -> None:
         """Write the tags back; OSErrors surface unwrapped (errno intact)."""
@@ -156,6 +174,37 @@ class _Id3Tags(FileTags):
         for key, values in fields.items():
             self.tags.add(TXXX(encoding=self._encoding(values), desc=ID3_PREFIX + key, text=values))
 
+    STANDARD_KEYS = frozenset({"TCON", "TMOO", "TXXX:MOOD"})
+
+    def _standard_key(self, name: str) -> str:
+        """TCON for genre; TMOO for mood in v2.4, ``TXXX:MOOD`` in v2.3 (which has no TMOO), as Picard maps them."""
+        if name == "genre":
+            return "TCON"
+        return "TXXX:MOOD" if self.save_version == 3 else "TMOO"
+
+    def standard_raw(self, name: str) -> Raw | None:
+        frame = self.tags.get(self._standard_key(name))
+        if frame is None:
+            return None
+        return {"text": [str(t) for t in frame.text], "encoding": int(frame.encoding)}
+
+    def set_standard_raw(self, name: str, raw: Raw | None) -> None:
+        key = self._standard_key(name)
+        self.tags.delall(key)
+        if raw is None:
+            return
+        values = list(raw["text"])
+        encoding = Encoding(raw["encoding"]) if raw.get("encoding") is not None else self._encoding(values)
+        if self.save_version == 3 and encoding == Encoding.UTF8:  # v2.3 has no UTF-8
+            encoding = Encoding.UTF16
+        if key == "TXXX:MOOD":
+            self.tags.add(TXXX(encoding=encoding, desc="MOOD", text=values))
+        else:
+            self.tags.add(Frames[key](encoding=encoding, text=values))
+
+    def joins_values(self) -> bool:
+        return self.save_version == 3
+
     def _encoding(self, values: list[str]) -> Encoding:
         """Latin-1 for ASCII text (compact, valid in v2.3 and v2.4), else UTF."""
         if all(v.isascii() for v in values):
@@ -245,6 +294,23 @@ class _Mp4Tags(FileTags):
                 MP4FreeForm(v.encode("utf-8"), dataformat=AtomDataType.UTF8) for v in values
             ]
 
+    STANDARD_KEYS = frozenset({"\xa9gen", MP4_MOOD})
+
+    def standard_raw(self, name: str) -> Raw | None:
+        key = "\xa9gen" if name == "genre" else MP4_MOOD
+        if key not in self.tags:
+            return None
+        return {"text": [_mp4_text(v) for v in _as_list(self.tags[key])], "encoding": None}
+
+    def set_standard_raw(self, name: str, raw: Raw | None) -> None:
+        key = "\xa9gen" if name == "genre" else MP4_MOOD
+        if raw is None:
+            self.tags.pop(key, None)
+        elif name == "genre":
+            self.tags[key] = list(raw["text"])
+        else:
+            self.tags[key] = [MP4FreeForm(v.encode("utf-8"), dataformat=AtomDataType.UTF8) for v in raw["text"]]
+
     def _save(self) -> None:
         self.file.save()
 
@@ -303,6 +369,21 @@ class _VorbisTags(FileTags):
                 raise TagFileError(
                     f"the Vorbis comment {key!r} is not valid UTF-8; rewriting it would change it"
                 )
+
+    STANDARD_KEYS = frozenset({"GENRE", "MOOD"})
+
+    def standard_raw(self, name: str) -> Raw | None:
+        values = [v for k, v in self.tags if k.upper() == name.upper()]
+        return {"text": values, "encoding": None} if values else None
+
+    def set_standard_raw(self, name: str, raw: Raw | None) -> None:
+        """One comment per value, at the place of the field's first comment (the end when it had none)."""
+        comments = list(self.tags)
+        at = next((i for i, (k, _) in enumerate(comments) if k.upper() == name.upper()), len(comments))
+        kept = [(k, v) for k, v in comments if k.upper() != name.upper()]
+        at -= sum(1 for k, _ in comments[:at] if k.upper() == name.upper())
+        new = [(name.upper(), v) for v in (raw or {}).get("text", [])]
+        self.tags[:] = kept[:at] + new + kept[at:]
 
     def replace_earmark(self, fields: Fields) -> None:
         kept = [(k, v) for k, v in self.tags if not self._is_ours(k)]

@@ -49,6 +49,7 @@ from workers.audio.formats import ID3 as ID3_FAMILY
 from workers.audio.formats import MP4 as MP4_FAMILY
 from workers.audio.formats import VORBIS as VORBIS_FAMILY
 from workers.audio.formats import format_for_path, tag_family
+from workers.tagfiles import standard
 from workers.tagfiles.families import (  # noqa: F401 - the namespace's names, used as tagfile.NAMESPACE etc.
     ID3_PREFIX, MP4_PREFIX, NAMESPACE, VORBIS_PREFIX, FileTags, Fields, TagFileError, UnsupportedFormatError, _Id3Tags,
     _Mp4Tags, _VorbisTags, _KEY, find_oserror,
@@ -110,6 +111,18 @@ def write_earmark_tags(path: str | os.PathLike, fields: Mapping[str, str | Seque
     tags.replace_earmark(wanted)
     tags.save()
     return True
+
+
+def write_tags(path: str | os.PathLike, fields: Fields, planned, fmt: str | None = None) -> None:
+    """Replace Earmark's namespace with ``fields`` and make ``planned``'s standard-field changes, in place.
+
+    For the safe writer, on its copy; ``planned`` is a ``workers.tagfiles.standard.Plan``.
+    """
+    tags = open_tags(path, fmt)
+    tags.check_rewritable()
+    tags.replace_earmark(normalize_fields(fields))
+    standard.apply(tags, planned)
+    tags.save()
 
 
 def read_id3_version(path: str | os.PathLike, fmt: str | None = None) -> tuple[int, int] | None:

@@ -64,7 +64,7 @@ import time
 from contextlib import contextmanager
 
 from workers.audio.formats import format_for_path
-from workers.tagfiles import identity, namespace as tagfile
+from workers.tagfiles import identity, namespace as tagfile, standard as standard_fields
 from workers.tagfiles.errors import REASONS, FileChangedError, SafeWriteError, TagWriteError, WriteResult
 from workers.tagfiles.tempfiles import TEMP_PREFIX, writer_tag
 from workers.tagfiles.verify import verify_same_audio
@@ -80,6 +80,7 @@ def safe_write_tags(
     tags,
     expected_size: int | None = None,
     expected_mtime_ns: int | None = None,
+    standard: "standard_fields.Request | None" = None,
     *,
     fmt: str | None = None,
 ) -> WriteResult:
@@ -89,7 +90,9 @@ def safe_write_tags(
     tag keys to values as ``tagfile.normalize_fields`` accepts.
     ``expected_size`` / ``expected_mtime_ns`` are what the scanner recorded;
     when given and different, ``FileChangedError`` is raised. ``fmt`` defaults
-    to what the extension says.
+    to what the extension says. ``standard`` puts genre and mood in the
+    standard fields by its policy (``workers.tagfiles.standard``); without it
+    they are left as they are, and so is the record of what Earmark put there.
     """
     path = os.fsdecode(path)
     fmt = fmt or format_for_path(path)
@@ -100,11 +103,16 @@ def safe_write_tags(
     _check_expected(path, before, expected_size, expected_mtime_ns)
     with _stage("read", timings, path):
         original = tagfile.open_tags(path, fmt)
-        if original.earmark() == wanted:
+        planned = (standard_fields.plan(original, standard) if standard is not None
+                   else standard_fields.Plan({}, standard_fields.read_record(original) or None))
+        wanted = {**wanted, **planned.record_fields()}
+        if original.earmark() == wanted and not planned.changes:
             return WriteResult(path, False, before.st_size, before.st_mtime_ns, timings=timings)
         identity.refuse_hard_links(before)
         original.check_rewritable()
         user_before = original.user()
+        standard_after = {name: planned.changes.get(name, original.standard_raw(name))
+                          for name in standard_fields.FIELDS}
 
     directory, name = os.path.split(path)
     fd, tmp = _make_temp(directory, name)
@@ -113,9 +121,9 @@ def safe_write_tags(
             copy_method = _clone_into(path, fd, before.st_size)
             copied = identity.fingerprint(fd, before.st_size)
         with _stage("write", timings, path):
-            tagfile.write_earmark_tags(tmp, wanted, fmt)
+            tagfile.write_tags(tmp, wanted, planned, fmt)
         with _stage("verify", timings, path):
-            _verify_tags(tmp, fmt, wanted, user_before)
+            _verify_tags(tmp, fmt, wanted, user_before, standard_after)
             verify_method = verify_same_audio(path, tmp, fmt)
         with _stage("replace", timings, path):
             owner_kept = identity.copy_identity(path, fd, before)
@@ -232,13 +240,18 @@ def _check_unchanged(path: str, before: os.stat_result, copied: bytes) -> None:
     identity.same_file(path, before)
 
 
-def _verify_tags(tmp: str, fmt: str | None, wanted: tagfile.Fields, user_before: dict) -> None:
-    """The copy holds exactly our tags, and the user's tags as they were."""
+def _verify_tags(tmp: str, fmt: str | None, wanted: tagfile.Fields, user_before: dict, standard_after: dict) -> None:
+    """The copy holds exactly our tags, the standard fields as planned, and the user's other tags as they were."""
     written = tagfile.open_tags(tmp, fmt)
     if written.earmark() != wanted:
         raise TagWriteError("verification failed: the written tags do not read back", stage="verify")
-    if written.user() != user_before:
+    others = {k: v for k, v in written.user().items() if k not in written.STANDARD_KEYS}
+    if others != {k: v for k, v in user_before.items() if k not in written.STANDARD_KEYS}:
         raise TagWriteError("verification failed: the user's own tags would change", stage="verify")
+    for name, raw in standard_after.items():
+        if (written.standard_raw(name) or {}).get("text") != (raw or {}).get("text"):
+            raise TagWriteError(f"verification failed: the {name} field does not read back as planned",
+                                stage="verify")
 
 
 # ------------------------------------------------------------------ copying

@@ -22,7 +22,8 @@ from workers.library import folders, paths
 from workers.models import Library, Track, TrackTag
 from workers.tagfiles.errors import FileChangedError, TagWriteError, WriteResult
 from workers.tagfiles.safewrite import safe_write_tags
-from workers.tagging.tagset import UNCALIBRATED, TagSet, build_tags
+from workers.tagfiles import standard
+from workers.tagging.tagset import GENRE_FLOOR, UNCALIBRATED, TagSet, build_tags
 
 
 class FileChanged(Exception):
@@ -45,6 +46,7 @@ class Written:
         """The track fields that say these tags are in the file."""
         now = timezone.now()
         return dict(state=Track.State.TAGGED, error="", model_version=self.model_version,
+                    genre_low_confidence="genre" in self.tagset.low_confidence,
                     calibration_version=self.calibration_version, earmark_tags=self.tagset.as_dict()["categories"],
                     size=self.size, mtime_ns=self.mtime_ns, tagged_at=now, updated_at=now)
 
@@ -70,7 +72,8 @@ class TagWrite:
         """``safe_write_tags`` arguments (plain data: any process can run it); None for write mode ``none``."""
         if self.track.library.write_mode == Library.WriteMode.NONE:
             return None
-        return paths.to_bytes(self.track.path), self.tagset, self.track.size, self.track.mtime_ns
+        return (paths.to_bytes(self.track.path), self.tagset, self.track.size, self.track.mtime_ns,
+                standard_request(self.track.library, self.tagset))
 
     def finish(self, result: WriteResult | None) -> Written:
         """The ``Written`` for ``safe_write_tags(*args)``'s result (None: nothing was to be written)."""
@@ -82,11 +85,31 @@ class TagWrite:
 
 
 def plan(track: Track, means: dict, spreads: dict, model_version: str, calibration=None) -> TagWrite:
-    """Build the track's tags from its scores under ``calibration`` and its library's write mode."""
+    """Build the track's tags from its scores under ``calibration`` and its library's write mode and policy."""
     calibration = calibration or UNCALIBRATED
-    mode = "full" if track.library.write_mode == Library.WriteMode.FULL else "minimal"
-    tagset = build_tags(means, spreads, calibration, mode, models=model_version)
+    library = track.library
+    mode = "full" if library.write_mode == Library.WriteMode.FULL else "minimal"
+    tagset = build_tags(means, spreads, calibration, mode, models=model_version,
+                        genre_floor=GENRE_FLOOR if writes_genres(library) else None)
     return TagWrite(track, tagset, model_version, calibration.version)
+
+
+def writes_genres(library: Library) -> bool:
+    """Whether the library's policy puts genres into the standard field (then every track gets one)."""
+    return library.standard_tags != Library.StandardTags.OFF and bool(standard_limits(library).get("genre"))
+
+
+def standard_limits(library: Library) -> dict[str, int]:
+    """The library's categories for standard fields with their value limits (the defaults where unset)."""
+    limits = library.standard_limits if isinstance(library.standard_limits, dict) else standard.DEFAULT_LIMITS
+    return {name: int(limits[name]) for name in standard.FIELDS if int(limits.get(name) or 0) > 0}
+
+
+def standard_request(library: Library, tagset: TagSet) -> standard.Request:
+    """What the safe writer puts in the file's standard fields for these tags, by the library's policy."""
+    limits = standard_limits(library)
+    values = {name: list(tagset.categories.get(name) or [])[:limit] for name, limit in limits.items()}
+    return standard.Request(library.standard_tags, values, library.id3v23_separator or standard.DEFAULT_SEPARATOR)
 
 
 def write_file(write: TagWrite) -> Written:

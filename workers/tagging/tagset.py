@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from workers.tagging.categories import CATEGORIES, LABELS, OPPOSING, get_label
+from workers.tagging.categories import CATEGORIES, GENRE, LABELS, OPPOSING, get_label
 
 #: Bumped when the meaning of written tags changes (names, keys, rules).
 SCHEMA = "earmark/1"
@@ -39,6 +39,9 @@ SCHEMA = "earmark/1"
 #: Cut-offs on the scaled strength. "regular" is what the library writes by
 #: default; "strict" writes fewer, surer tags; "loose" more, for discovery.
 TIERS: dict[str, float] = {"strict": 0.75, "regular": 0.5, "loose": 0.3}
+#: The weakest strength a fallback genre may have (``build_tags(genre_floor=…)``):
+#: 30% of the regular cut-off; below it a track's genre would be a guess.
+GENRE_FLOOR = 0.15
 DEFAULT_TIER = "regular"
 
 #: How many spreads (the standard deviation of a label's score over the
@@ -121,6 +124,7 @@ class TagSet:
     scores: dict[str, float] | None = None
     strengths: dict[str, dict[str, float]] = field(default_factory=dict, compare=False)
     tiers: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    low_confidence: tuple[str, ...] = ()  # categories whose value is a fallback below the threshold
 
     def fields(self) -> dict[str, list[str]]:
         """The tag keys and values to write, in the namespace's key spelling.
@@ -141,6 +145,8 @@ class TagSet:
                     values = self.tiers.get(tier, {}).get(category) or []
                     if values:
                         out[tier_key(category, tier)] = list(values)
+        for category in self.low_confidence:
+            out[f"{category}_confidence"] = ["low"]
         out[VERSION_KEY] = [self.version]
         if self.scores is not None:
             for label, value in self.scores.items():
@@ -154,6 +160,7 @@ class TagSet:
             "mode": self.mode,
             "categories": {k: list(v) for k, v in self.categories.items()},
             "scores": dict(self.scores) if self.scores is not None else None,
+            "low_confidence": list(self.low_confidence),
         }
 
 
@@ -206,6 +213,7 @@ def build_tags(
     *,
     models: str | Sequence[str],
     tier: str = DEFAULT_TIER,
+    genre_floor: float | None = None,
 ) -> TagSet:
     """The ``TagSet`` for one track's per-label mean scores.
 
@@ -216,7 +224,10 @@ def build_tags(
     the regular tier, and so the default lists, depend on the means alone.
     ``calibration`` defaults to ``UNCALIBRATED``. ``models`` names the
     networks with their weight hashes for the version tag. ``tier`` picks
-    the tier of the main lists (``categories``).
+    the tier of the main lists (``categories``). With ``genre_floor``, a
+    track whose genres all miss the threshold gets its best genre anyway when
+    that one's strength reaches the floor, flagged in ``low_confidence``
+    (players show a genre for every track; a weak one beats none).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -233,6 +244,12 @@ def build_tags(
 
     tiers = {name: {c: _ranked(evidence[c], name) for c in CATEGORIES} for name in TIERS}
     categories = tiers[tier]
+    low_confidence: tuple[str, ...] = ()
+    if genre_floor is not None and not categories[GENRE]:
+        best = _best_genre(scores, calibration, genre_floor)
+        if best is not None:
+            categories[GENRE], evidence[GENRE][best[0]] = [best[0]], Evidence(best[1], {})
+            low_confidence = (GENRE,)
     return TagSet(
         categories=categories,
         version=format_version(models, calibration.version, tier),
@@ -240,7 +257,21 @@ def build_tags(
         scores=_rounded(scores) if mode == "full" else None,
         strengths={c: {v: round(evidence[c][v].strength, 3) for v in categories[c]} for c in CATEGORIES},
         tiers=tiers,
+        low_confidence=low_confidence,
     )
+
+
+def _best_genre(scores: Mapping[str, float], calibration: Calibration, floor: float) -> tuple[str, float] | None:
+    """The strongest genre (canonical value, strength) at or above ``floor``; None when none reaches it."""
+    best = None
+    for label_id, raw in scores.items():
+        label = LABELS[label_id]
+        if label.category != GENRE:
+            continue
+        strength = float(calibration.scale(label_id, float(raw)))
+        if strength >= floor and (best is None or (strength, label.canonical) > (best[1], best[0])):
+            best = (label.canonical, strength)
+    return best
 
 
 def _check_scores(values: Mapping[str, float], what: str) -> None:

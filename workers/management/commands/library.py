@@ -1,11 +1,11 @@
-"""``manage.py library add|remove|list|show``: manage the libraries Earmark listens to."""
+"""``manage.py library add|set|remove|list|show``: manage the libraries Earmark listens to."""
 import json
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from workers.library import scan
-from workers.library.libraries import add_library, remove_library, summary
+from workers.library.libraries import add_library, remove_library, summary, update_library
 from workers.models import Library
 
 
@@ -19,6 +19,15 @@ class Command(BaseCommand):
         add.add_argument("path")
         add.add_argument("--write-mode", default="minimal", choices=Library.WriteMode.values)
         add.add_argument("--no-scan", dest="scan_now", action="store_false", help="Do not queue a scan now.")
+        add.add_argument("--standard-tags", default=Library.StandardTags.FILL_EMPTY,
+                         choices=Library.StandardTags.values, help="What goes into the standard genre and mood.")
+        change = sub.add_parser("set", help="Change a library's settings (tags change at the next tagging).")
+        change.add_argument("name")
+        change.add_argument("--write-mode", choices=Library.WriteMode.values)
+        change.add_argument("--standard-tags", choices=Library.StandardTags.values)
+        change.add_argument("--standard-limit", action="append", default=[], metavar="CATEGORY=N",
+                            help="Values at most per standard field (genre, mood; 0 leaves it out), repeatable.")
+        change.add_argument("--id3v23-separator", help="Joins several values in ID3v2.3 files (default /).")
         remove = sub.add_parser("remove", help="Forget a library: cancel its jobs, delete its rows (not its files).")
         remove.add_argument("name")
         sub.add_parser("list", help="One line per library.")
@@ -29,15 +38,27 @@ class Command(BaseCommand):
     def handle(self, *args, action, **options):
         getattr(self, f"do_{action}")(**options)
 
-    def do_add(self, name, path, write_mode, scan_now=True, **_):
+    def do_add(self, name, path, write_mode, scan_now=True, standard_tags=Library.StandardTags.FILL_EMPTY, **_):
         try:
-            lib = add_library(name, path, write_mode)
+            lib = add_library(name, path, write_mode, standard_tags)
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None
         self.stdout.write(f"added library {lib.name} at {lib.root}")
         if scan_now:
             scan.request_scan(lib)
             self.stdout.write("scan queued (the scanners start on it at once; `manage.py scan` waits for it)")
+
+    def do_set(self, name, write_mode=None, standard_tags=None, standard_limit=(), id3v23_separator=None, **_):
+        lib = Library.objects.filter(name=name).first()
+        if lib is None:
+            raise CommandError(f"no library named {name!r}")
+        try:
+            changed = update_library(lib, write_mode=write_mode, standard_tags=standard_tags,
+                                     limits=dict(_limit(item) for item in standard_limit),
+                                     id3v23_separator=id3v23_separator)
+        except ValidationError as exc:
+            raise CommandError("; ".join(exc.messages)) from None
+        self.stdout.write(f"{lib.name}: " + (", ".join(f"{k} = {v}" for k, v in changed.items()) or "nothing changed"))
 
     def do_remove(self, name, **_):
         lib = Library.objects.filter(name=name).first()
@@ -51,7 +72,8 @@ class Command(BaseCommand):
         for lib in Library.objects.all():
             s = summary(lib, failed_limit=0)
             flag = "" if lib.enabled else "\tdisabled"
-            self.stdout.write(f"{lib.name}\t{lib.root}\t{s['tracks']} tracks\t{lib.write_mode}{flag}")
+            self.stdout.write(f"{lib.name}\t{lib.root}\t{s['tracks']} tracks\t{lib.write_mode}"
+                              f"\tstandard tags {lib.standard_tags}{flag}")
 
     def do_show(self, name, json: bool = False, **_):
         lib = Library.objects.filter(name=name).first()
@@ -66,6 +88,13 @@ class Command(BaseCommand):
             self.stdout.write(f"  {state:8} {n}")
         for f in data["failed"]:
             self.stdout.write(f"  failed: {f['path']}: {f['error']}")
+
+
+def _limit(item: str) -> tuple[str, int]:
+    category, _, n = item.partition("=")
+    if not n.isdigit():
+        raise CommandError(f"--standard-limit wants CATEGORY=N, got {item!r}")
+    return category, int(n)
 
 
 def _dumps(data) -> str:
