@@ -153,3 +153,13 @@ def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="policy must be one of"):
         standard.Request("overwrite")
     assert set(standard.POLICIES) == set(Library.StandardTags.values)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_beets_mediafile_reads_the_genre_and_mood_earmark_wrote(tmp_path, fmt):
+    import mediafile  # beets' own tag reader, from the test extra
+    path = make_file(tmp_path, fmt, tags=TAGS)
+    tag(path, "fill-empty")
+    read = mediafile.MediaFile(str(path))
+    assert read.genres == ["ambient", "electronic"] and read.genre == "ambient"
+    assert read.title == "Song", "and the user's tags as they were"
