@@ -2,6 +2,7 @@
 from django.contrib import admin
 from django.urls import path
 
+from workers.admin import exports
 from workers.admin.failures import failures_page
 from workers.live import views
 
@@ -12,6 +13,8 @@ urlpatterns = [
     path("admin/dashboard/queues/", admin.site.admin_view(views.queue_control), name="earmark-queue-control"),
     path("admin/dashboard/supervisor/", admin.site.admin_view(views.supervisor_control), name="earmark-supervisor"),
     path("admin/failures/", admin.site.admin_view(failures_page), name="earmark-failures"),
+    path("admin/exports/navidrome/", admin.site.admin_view(exports.navidrome_download), name="earmark-export-navidrome"),
+    path("admin/exports/playlists/", admin.site.admin_view(exports.playlists_download), name="earmark-export-playlists"),
     path("admin/", admin.site.urls),
     path("events/", views.events, name="earmark-events"),
 ]

@@ -161,3 +161,7 @@ def drain_scans(limit: int | None = None) -> list:
             queue.complete([job.id], worker, {job.id: result})
         done += 1
     return list(Job.objects.filter(queue="scan", state="failed"))
+
+
+#: The library form's standard-field settings at their defaults, as the admin's form posts them.
+STANDARD_FORM = {"standard_tags": "fill-empty", "standard_limits": '{"genre": 2, "mood": 2}', "id3v23_separator": "/"}

@@ -15,7 +15,7 @@ from workers.library.libraries import add_library
 from workers.models import Job, Library, Meta, Score, Track
 from workers.live.views import control_permission
 
-from tests.conftest import wait_for
+from tests.conftest import STANDARD_FORM, wait_for
 from tests.supervisor_harness import Supervisor
 
 EVENTS = "/events/?channel=workers&channel=queues&channel=jobs"
@@ -116,11 +116,11 @@ def test_admin_index_links_to_the_dashboard(staff_client):
 @pytest.mark.django_db
 def test_library_form_wants_an_existing_directory(superuser_client, tmp_path):
     url = reverse("admin:workers_library_add")
-    bad = csrf_post(superuser_client, url, {"name": "x", "root": str(tmp_path / "nope"), "write_mode": "minimal"})
+    bad = csrf_post(superuser_client, url, {"name": "x", "root": str(tmp_path / "nope"), "write_mode": "minimal", **STANDARD_FORM})
     assert bad.status_code == 200 and "is not an existing directory" in bad.content.decode()
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    good = csrf_post(superuser_client, url, {"name": "x", "root": str(tmp_path / "link"), "write_mode": "minimal"})
+    good = csrf_post(superuser_client, url, {"name": "x", "root": str(tmp_path / "link"), "write_mode": "minimal", **STANDARD_FORM})
     assert good.status_code == 302
     assert Library.objects.get(name="x").root == str((tmp_path / "real").resolve())
 

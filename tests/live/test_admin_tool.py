@@ -8,6 +8,7 @@ from django.core.cache import cache
 from django.test import Client
 from django.utils import timezone
 
+from tests.conftest import STANDARD_FORM
 from workers.library.libraries import add_library
 from workers.admin import failures
 from workers.jobs import queue
@@ -109,7 +110,7 @@ def _form_post(client, url, data):
 def test_a_library_added_in_the_admin_is_scanned_at_once(client, tmp_path):
     (tmp_path / "new").mkdir()
     response = _form_post(client, "/admin/workers/library/add/",
-                          {"name": "new", "root": str(tmp_path / "new"), "enabled": "on", "write_mode": "minimal"})
+                          {"name": "new", "root": str(tmp_path / "new"), "enabled": "on", "write_mode": "minimal", **STANDARD_FORM})
     assert response.status_code == 302, response.content.decode()[:2000]
     library = Library.objects.get(name="new")
     job = Job.objects.get(queue="scan", key=f"library:{library.id}")

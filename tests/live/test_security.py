@@ -43,7 +43,7 @@ from workers.tagfiles.tempfiles import TEMP_PREFIX
 from workers.tagfiles.namespace import read_earmark_tags
 
 from tests.audio_factory import make_file
-from tests.conftest import ROOT, drain_scans, manage, wait_for
+from tests.conftest import ROOT, STANDARD_FORM, drain_scans, manage, wait_for
 from tests.supervisor_harness import Supervisor
 
 EVENTS = "/events/?channel=workers&channel=queues&channel=jobs"
@@ -138,7 +138,7 @@ def test_a_library_path_must_be_an_existing_directory(admin_user, tmp_path, work
     for bad in (tmp_path / "nowhere", tmp_path / "a-file.mp3", tmp_path / "dangling"):
         page = client.get(url).content.decode()
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
-        response = client.post(url, {"name": "x", "root": str(bad), "write_mode": "minimal",
+        response = client.post(url, {"name": "x", "root": str(bad), "write_mode": "minimal", **STANDARD_FORM,
                                      "csrfmiddlewaretoken": token})
         assert response.status_code == 200 and "is not an existing directory" in response.content.decode(), bad
         out = manage("library", "add", "x", bad, env=worker_env, check=False)
