@@ -2,7 +2,7 @@
 from django.contrib import admin
 from django.urls import path
 
-from workers.admin import exports
+from workers.admin import exports, preview
 from workers.admin.failures import failures_page
 from workers.live import views
 
@@ -15,6 +15,7 @@ urlpatterns = [
     path("admin/failures/", admin.site.admin_view(failures_page), name="earmark-failures"),
     path("admin/exports/navidrome/", admin.site.admin_view(exports.navidrome_download), name="earmark-export-navidrome"),
     path("admin/exports/playlists/", admin.site.admin_view(exports.playlists_download), name="earmark-export-playlists"),
+    path("admin/preview/<int:library_id>/", admin.site.admin_view(preview.preview_page), name="earmark-preview"),
     path("admin/", admin.site.urls),
     path("events/", views.events, name="earmark-events"),
 ]

@@ -31,11 +31,11 @@ class LibraryAdmin(admin.ModelAdmin):
     list_filter = ["enabled", "write_mode", "standard_tags"]
     search_fields = ["name", "root"]
     actions = ["scan", "full_scan"]
-    readonly_fields = ["scan_progress", "last_scan_at", "last_scan_error", "distribution"]
+    readonly_fields = ["tag_preview", "scan_progress", "last_scan_at", "last_scan_error", "distribution"]
     fieldsets = [
         (None, {"fields": ["name", "root", "enabled", "write_mode"]}),
         ("Standard fields (genre and mood where players look)",
-         {"fields": ["standard_tags", "standard_limits", "id3v23_separator"]}),
+         {"fields": ["standard_tags", "standard_limits", "id3v23_separator", "tag_preview"]}),
         ("Scans", {"fields": ["scan_progress", "last_scan_at", "last_scan_error"]}),
         ("Distribution", {"fields": ["distribution"]}),
     ]
@@ -68,6 +68,13 @@ class LibraryAdmin(admin.ModelAdmin):
         if not p:
             return "never scanned"
         return f"{p.get('state')}: {p.get('folders_done', 0)}/{p.get('folders_total', 0)} folders, {p.get('files_seen', 0)} files"
+
+    @admin.display(description="preview")
+    def tag_preview(self, obj):
+        if not obj.pk:
+            return "-"
+        return format_html('<a href="{}">what each policy would write for sample tracks</a>',
+                           reverse("earmark-preview", args=[obj.pk]))
 
     @admin.display(description="current scan")
     def scan_progress(self, obj):

@@ -1,0 +1,58 @@
+"""``manage.py preview``: what each standard-tags policy would write, read from the real file, writing nothing."""
+import json
+from io import StringIO
+from pathlib import Path
+
+import numpy as np
+from django.core.management import call_command
+
+from tests.audio_factory import make_file
+from workers.library import paths
+from workers.models import Library, Track
+from workers.tagfiles.namespace import open_tags
+from workers.tagging import scores
+from workers.tagging.categories import GENRE, LABELS
+from workers.tagging.preview import LABEL_ORDER
+
+
+def test_preview_shows_every_policy_on_the_users_own_genre_and_writes_nothing(tmp_path, db):
+    root = tmp_path / "music"
+    path = make_file(root, "flac", tags={"title": "Song", "genre": "Jazz"})
+    library = Library.objects.create(name="music", root=str(root))
+    track = Track.objects.create(library=library, path=paths.to_text(bytes(path)), folder=str(root), format="flac",
+                                 state="tagged")
+    means = np.full(len(LABEL_ORDER), 0.001, dtype=np.float32)
+    genre_label = next(i for i, label in enumerate(LABEL_ORDER) if LABELS[label].category == GENRE)
+    means[genre_label] = 0.99
+    scores.save(track, "m@1", LABEL_ORDER, means, np.zeros_like(means), 3)
+    before = Path(path).read_bytes()
+    out = StringIO()
+    call_command("preview", "music", "--json", stdout=out)
+    [row] = json.loads(out.getvalue())
+    ours = row["earmark"]["genre"]
+    assert ours == [LABELS[LABEL_ORDER[genre_label]].canonical] and row["now"]["genre"] == ["Jazz"]
+    assert row["policies"]["off"]["genre"] == ["Jazz"]
+    assert row["policies"]["fill-empty"]["genre"] == ["Jazz"]
+    assert row["policies"]["append"]["genre"] == ["Jazz", *ours]
+    assert row["policies"]["replace"]["genre"] == ours
+    assert Path(path).read_bytes() == before and open_tags(path).earmark() == {}
+    text = StringIO()
+    call_command("preview", "music", stdout=text)
+    assert "*fill-empty" in text.getvalue() and "replace" in text.getvalue()
+
+
+def test_the_admin_preview_page_is_for_staff_and_lists_every_policy(tmp_path, db, admin_client, client):
+    root = tmp_path / "music"
+    path = make_file(root, "mp3", tags={"title": "Song"})
+    library = Library.objects.create(name="music", root=str(root))
+    track = Track.objects.create(library=library, path=paths.to_text(bytes(path)), folder=str(root), format="mp3")
+    means = np.full(len(LABEL_ORDER), 0.001, dtype=np.float32)
+    scores.save(track, "m@1", LABEL_ORDER, means, np.zeros_like(means), 1)
+    url = f"/admin/preview/{library.id}/"
+    assert client.get(url).status_code == 302, "anonymous: to the login page"
+    page = admin_client.get(url)
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert all(f'data-policy="{p}"' in html for p in ("off", "fill-empty", "append", "replace"))
+    assert path.name in html
+    assert url in admin_client.get(f"/admin/workers/library/{library.id}/change/").content.decode()
