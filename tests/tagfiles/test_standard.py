@@ -163,3 +163,35 @@ def test_beets_mediafile_reads_the_genre_and_mood_earmark_wrote(tmp_path, fmt):
     read = mediafile.MediaFile(str(path))
     assert read.genres == ["ambient", "electronic"] and read.genre == "ambient"
     assert read.title == "Song", "and the user's tags as they were"
+
+
+def test_through_the_taggers_write_path_untag_restores_the_original(tmp_path, db):
+    """Tag, re-tag with other scores, switch the library to replace and rewrite (as the recalibrator does), untag."""
+    import numpy as np
+
+    from workers.library import paths
+    from workers.models import Track
+    from workers.tagging import apply
+    from workers.tagging.categories import GENRE, LABELS
+
+    root = tmp_path / "music"
+    path = with_user_fields(make_file(root, "mp3", tags=TAGS), genre=["Jazz"], mood=["Sad"])
+    user_before = read_user_tags(path)
+    library = Library.objects.create(name="music", root=str(root))
+    track = Track.objects.create(library=library, path=paths.to_text(bytes(path)), folder=str(root), format="mp3")
+    genres = [label for label, spec in LABELS.items() if spec.category == GENRE]
+
+    def write(strong: str) -> None:
+        means = {label: 0.001 for label in LABELS}
+        means[strong] = 0.99
+        written = apply.write_file_tags(Track.objects.get(id=track.id), means, {}, "m@1")
+        Track.objects.filter(id=track.id).update(size=written.size, mtime_ns=written.mtime_ns)
+
+    write(genres[0])  # fill-empty: the user's genre and mood stay
+    assert field(path, "genre") == ["Jazz"]
+    write(genres[1])  # re-tag with another result
+    Library.objects.filter(id=library.id).update(standard_tags="replace")
+    write(genres[2])  # rewritten under the replace policy
+    assert field(path, "genre") == [LABELS[genres[2]].canonical]
+    call_command("untag", "music")
+    assert read_earmark_tags(path) == {} and read_user_tags(path) == user_before
