@@ -165,3 +165,10 @@ def drain_scans(limit: int | None = None) -> list:
 
 #: The library form's standard-field settings at their defaults, as the admin's form posts them.
 STANDARD_FORM = {"standard_tags": "fill-empty", "standard_limits": '{"genre": 2, "mood": 2}', "id3v23_separator": "/"}
+
+
+def category_tags(fields: dict) -> dict:
+    """Only the category lists of Earmark's keys in a file (what ``Track.earmark_tags`` holds, empty ones left out)."""
+    from workers.tagging.categories import CATEGORIES
+
+    return {k: v for k, v in fields.items() if k in CATEGORIES and v}
