@@ -35,6 +35,30 @@ class Library(models.Model):
         help_text='Categories written to standard fields and how many values at most, e.g. {"genre": 2, "mood": 2}.')
     id3v23_separator = models.CharField(max_length=8, default="/",
                                         help_text="Joins several values in ID3v2.3 files (v2.4 files hold lists).")
+
+    class KeyNotation(models.TextChoices):  # workers.features.extract.Features key forms
+        STANDARD = "standard", "standard (Am, F#)"
+        CAMELOT = "camelot", "Camelot (8A, 2B)"
+        OPEN_KEY = "open", "Open Key (1m, 10d)"
+
+    class Analysis(models.TextChoices):
+        FAST = "fast", "fast (stops scoring once the tags have converged)"
+        FULL = "full", "full (every patch of every file)"
+
+    class Watch(models.TextChoices):
+        AUTO = "auto", "auto (inotify where it works, else polling)"
+        INOTIFY = "inotify", "inotify"
+        POLL = "poll", "poll"
+        OFF = "off", "off (scans only when asked)"
+
+    key_notation = models.CharField(max_length=10, choices=KeyNotation.choices, default=KeyNotation.STANDARD,
+                                    help_text="How the musical key is written to the file's standard key field.")
+    analysis = models.CharField(max_length=8, choices=Analysis.choices, default=Analysis.FAST,
+                                help_text="How much of each file the networks score.")
+    watch = models.CharField(max_length=10, choices=Watch.choices, default=Watch.AUTO,
+                             help_text="How the watcher notices new and changed files.")
+    poll_seconds = models.PositiveIntegerField(default=300,
+                                               help_text="Polling interval where the library is polled.")
     created_at = models.DateTimeField(auto_now_add=True)
     last_scan_at = models.DateTimeField(null=True, blank=True)
     last_scan_error = models.TextField(blank=True, default="")
@@ -78,6 +102,25 @@ class Track(models.Model):
                                     help_text="The category lists Earmark last wrote (or would write) for this file.")
     genre_low_confidence = models.BooleanField(
         default=False, help_text="No genre passed its threshold: the best one above the floor was written.")
+    # File identity, so that a moved or renamed file keeps its row (and its analysis).
+    device = models.BigIntegerField(null=True, blank=True)
+    inode = models.BigIntegerField(null=True, blank=True)
+    audio_fingerprint = models.CharField(max_length=64, blank=True, default="",
+                                         help_text="Digest of the audio stream, which tag writes do not change.")
+    # Tempo, key and loudness (workers.features), measured on the native-rate decode.
+    features = models.JSONField(default=dict, blank=True, help_text="Everything workers.features measured.")
+    features_version = models.CharField(max_length=100, blank=True, default="")
+    bpm = models.FloatField(null=True, blank=True, db_index=True)
+    bpm_confidence = models.FloatField(null=True, blank=True)
+    musical_key = models.CharField(max_length=12, blank=True, default="", db_index=True,
+                                   help_text='Key and mode, e.g. "A minor".')
+    key_confidence = models.FloatField(null=True, blank=True)
+    loudness_lufs = models.FloatField(null=True, blank=True, db_index=True,
+                                      help_text="Integrated loudness (EBU R128).")
+    track_gain_db = models.FloatField(null=True, blank=True, help_text="ReplayGain 2.0 track gain (-18 LUFS).")
+    track_peak = models.FloatField(null=True, blank=True, help_text="True peak, linear.")
+    album_gain_db = models.FloatField(null=True, blank=True)
+    album_peak = models.FloatField(null=True, blank=True)
     model_version = models.CharField(max_length=100, blank=True, default="")
     calibration_version = models.CharField(max_length=100, blank=True, default="")
     scan_gen = models.IntegerField(default=0, help_text="The library scan that last saw this file.")
@@ -87,7 +130,8 @@ class Track(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
-        indexes = [models.Index(fields=["library", "state"], name="track_library_state")]
+        indexes = [models.Index(fields=["library", "state"], name="track_library_state"),
+                   models.Index(fields=["device", "inode"], name="track_device_inode")]
 
     def __str__(self):
         return self.path
@@ -237,3 +281,28 @@ class Calibration(models.Model):
 
     def __str__(self):
         return self.version
+
+
+class ApiToken(models.Model):
+    """A key for the HTTP API (hooks from Lidarr, beets, Picard), scoped to libraries.
+
+    Only a digest of the secret is stored; ``prefix`` finds the row, the digest
+    proves the secret. A revoked token is kept, so its requests stay attributable.
+    """
+
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, unique=True)
+    digest = models.CharField(max_length=128)
+    libraries = models.ManyToManyField(Library, blank=True, related_name="api_tokens")
+    created_by = models.ForeignKey("auth.User", null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="api_tokens")
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API token"
+        ordering = ["name"]
+
+    def __str__(self):
+        return f"{self.name} ({self.prefix}…)"
