@@ -7,6 +7,8 @@ export EARMARK_PYTHON="${EARMARK_PYTHON:-$EARMARK_HOME/.venv/bin/python}"
 export EARMARK_LOG_DIR="${EARMARK_LOG_DIR:-$EARMARK_DATA_DIR/log}"
 export EARMARK_RUN_DIR="${EARMARK_RUN_DIR:-$EARMARK_DATA_DIR/run}"
 export EARMARK_SUPERVISOR_SOCKET="${EARMARK_SUPERVISOR_SOCKET:-$EARMARK_RUN_DIR/supervisor.sock}"
+# Config files supervisord.conf includes: the admin writes numprocs.conf there (workers/live/numprocs.py).
+export EARMARK_SUPERVISOR_CONF_DIR="${EARMARK_SUPERVISOR_CONF_DIR:-$EARMARK_DATA_DIR/supervisor}"
 export EARMARK_WEB_HOST="${EARMARK_WEB_HOST:-127.0.0.1}"
 export EARMARK_WEB_PORT="${EARMARK_WEB_PORT:-8000}"
 export EARMARK_WEB_AUTOSTART="${EARMARK_WEB_AUTOSTART:-true}"

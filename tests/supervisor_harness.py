@@ -19,6 +19,8 @@ class Supervisor:
             EARMARK_RUN_DIR=str(self.run_dir / "run"),
             EARMARK_LOG_DIR=str(self.run_dir / "log"),
             EARMARK_SUPERVISOR_SOCKET=str(self.run_dir / "run" / "supervisor.sock"),
+            # Each test's own: the admin's numprocs.conf (workers/live/numprocs.py) never reaches another test.
+            EARMARK_SUPERVISOR_CONF_DIR=str(self.run_dir / "conf"),
             EARMARK_WEB_AUTOSTART="false",
             EARMARK_TAGGER_AUTOSTART="false",
             EARMARK_RECALIBRATOR_AUTOSTART="false",

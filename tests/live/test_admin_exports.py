@@ -27,13 +27,6 @@ PLAYLISTS = "/admin/exports/playlists/"
 
 
 @pytest.fixture
-def client(admin_user):
-    c = Client()
-    c.force_login(admin_user)
-    return c
-
-
-@pytest.fixture
 def library(tmp_path):
     (tmp_path / "music").mkdir()
     lib = add_library("music", str(tmp_path / "music"))
@@ -56,8 +49,8 @@ def test_urls_are_registered_by_name():
     assert reverse("earmark-export-playlists") == PLAYLISTS
 
 
-def test_the_snippet_downloads_as_a_toml_attachment(client):
-    response = client.get(NAVIDROME)
+def test_the_snippet_downloads_as_a_toml_attachment(admin_client):
+    response = admin_client.get(NAVIDROME)
     assert response.status_code == 200
     assert response["Content-Type"].startswith("text/plain")
     assert response["Content-Disposition"] == 'attachment; filename="navidrome-earmark.toml"'
@@ -65,24 +58,24 @@ def test_the_snippet_downloads_as_a_toml_attachment(client):
     assert "earmark_mood" in tomllib.loads(response.content.decode())["Tags"]
 
 
-def test_nsp_playlists_download_as_a_zip(client, library):
-    response = client.get(PLAYLISTS, {"format": "nsp"})
+def test_nsp_playlists_download_as_a_zip(admin_client, library):
+    response = admin_client.get(PLAYLISTS, {"format": "nsp"})
     assert response.status_code == 200
     assert response["Content-Disposition"] == 'attachment; filename="earmark-playlists-nsp.zip"'
     files = _zip(response)
     assert sorted(files) == ["genre-r-and-b.nsp", "mood-calm.nsp"]
     assert json.loads(files["mood-calm.nsp"])["all"] == [{"is": {"earmark_mood": "calm"}}]
-    assert client.get(PLAYLISTS).content == response.content, "nsp is the default"
+    assert admin_client.get(PLAYLISTS).content == response.content, "nsp is the default"
 
 
-def test_m3u_playlists_are_relative_to_the_chosen_directory(client, library, tmp_path):
-    files = _zip(client.get(PLAYLISTS, {"format": "m3u"}))
+def test_m3u_playlists_are_relative_to_the_chosen_directory(admin_client, library, tmp_path):
+    files = _zip(admin_client.get(PLAYLISTS, {"format": "m3u"}))
     assert sorted(files) == ["genre-r-and-b.m3u8", "mood-calm.m3u8"]
     lines = files["mood-calm.m3u8"].decode().splitlines()
     assert lines[0] == "#EXTM3U" and "#EXTINF:12,Ann - Song" in lines
     assert lines[-1] == "Album/01 song.flac", "by default relative to the library root"
     elsewhere = tmp_path / "playlists"
-    response = client.get(PLAYLISTS, {"format": "m3u", "dir": str(elsewhere), "library": "music"})
+    response = admin_client.get(PLAYLISTS, {"format": "m3u", "dir": str(elsewhere), "library": "music"})
     assert response["Content-Disposition"] == 'attachment; filename="earmark-playlists-m3u-music.zip"'
     line = _zip(response)["mood-calm.m3u8"].decode().splitlines()[-1]
     assert line == "../music/Album/01 song.flac"
@@ -90,10 +83,10 @@ def test_m3u_playlists_are_relative_to_the_chosen_directory(client, library, tmp
     assert os.path.samefile(elsewhere / line, tmp_path / "music" / "Album" / "01 song.flac")
 
 
-def test_bad_requests(client, library):
-    assert client.get(PLAYLISTS, {"format": "pls"}).status_code == 400
-    assert client.get(PLAYLISTS, {"format": "m3u", "dir": "relative/dir"}).status_code == 400
-    assert client.get(PLAYLISTS, {"library": "nope"}).status_code == 404
+def test_bad_requests(admin_client, library):
+    assert admin_client.get(PLAYLISTS, {"format": "pls"}).status_code == 400
+    assert admin_client.get(PLAYLISTS, {"format": "m3u", "dir": "relative/dir"}).status_code == 400
+    assert admin_client.get(PLAYLISTS, {"library": "nope"}).status_code == 404
 
 
 @pytest.mark.parametrize("who", ["anonymous", "not staff"])
@@ -120,7 +113,7 @@ def test_staff_need_permission_to_view_tracks(django_user_model, library):
         assert client.get(url).status_code == 200, url
 
 
-def test_the_admin_index_links_to_the_downloads(client):
-    page = client.get("/admin/").content.decode()
+def test_the_admin_index_links_to_the_downloads(admin_client):
+    page = admin_client.get("/admin/").content.decode()
     assert f'href="{NAVIDROME}"' in page
     assert f'href="{PLAYLISTS}?format=nsp"' in page and f'href="{PLAYLISTS}?format=m3u"' in page

@@ -28,13 +28,6 @@ def _fresh_counts():
 
 
 @pytest.fixture
-def client(admin_user):
-    c = Client()
-    c.force_login(admin_user)
-    return c
-
-
-@pytest.fixture
 def library(tmp_path):
     (tmp_path / "music").mkdir()
     return add_library("music", str(tmp_path / "music"))
@@ -50,39 +43,39 @@ def tagged(library, name: str, **categories: list[tuple[str, float]]) -> Track:
     return track
 
 
-def listed(client, **params) -> str:
-    response = client.get(URL, params)
+def listed(admin_client, **params) -> str:
+    response = admin_client.get(URL, params)
     assert response.status_code == 200
     return response.content.decode()
 
 
-def test_a_filter_per_category_with_counts_and_tag_columns(client, library):
+def test_a_filter_per_category_with_counts_and_tag_columns(admin_client, library):
     tagged(library, "calm-piano.mp3", mood=[("calm", 0.9)], instrument=[("piano", 0.8), ("strings", 0.4)])
     tagged(library, "calm-guitar.mp3", mood=[("calm", 0.55)], instrument=[("guitar", 0.7)])
     tagged(library, "dark.mp3", mood=[("dark", 0.7)])
-    page = listed(client)
+    page = listed(admin_client)
     assert "calm (2)" in page and "dark (1)" in page and "piano (1)" in page, "choices with their counts"
     assert "piano, strings" in page, "the instrument column lists the values, strongest first"
-    calm = listed(client, mood="calm")
+    calm = listed(admin_client, mood="calm")
     assert "calm-piano.mp3" in calm and "calm-guitar.mp3" in calm and "dark.mp3" not in calm
-    both = listed(client, mood="calm", instrument="piano")
+    both = listed(admin_client, mood="calm", instrument="piano")
     assert "calm-piano.mp3" in both and "calm-guitar.mp3" not in both
 
 
-def test_the_strength_filter_keeps_only_sure_tags(client, library):
+def test_the_strength_filter_keeps_only_sure_tags(admin_client, library):
     tagged(library, "sure.mp3", mood=[("calm", 0.9)])
     tagged(library, "unsure.mp3", mood=[("calm", 0.55)])
-    sure = listed(client, mood="calm", strength="0.75")
+    sure = listed(admin_client, mood="calm", strength="0.75")
     assert "sure.mp3" in sure and "unsure.mp3" not in sure
-    anything_sure = listed(client, strength="0.75")
+    anything_sure = listed(admin_client, strength="0.75")
     assert "sure.mp3" in anything_sure and "unsure.mp3" not in anything_sure
 
 
-def test_search_finds_tag_values_as_well_as_paths(client, library):
+def test_search_finds_tag_values_as_well_as_paths(admin_client, library):
     tagged(library, "a.mp3", instrument=[("piano", 0.8)])
     tagged(library, "b.mp3", instrument=[("guitar", 0.8)])
     tagged(library, "piano-sonata.mp3", instrument=[("strings", 0.8)])
-    found = listed(client, q="Piano")
+    found = listed(admin_client, q="Piano")
     assert "a.mp3" in found and "piano-sonata.mp3" in found and "b.mp3" not in found
 
 
@@ -101,15 +94,15 @@ def test_recording_a_write_replaces_the_tracks_tag_rows(library):
     assert Track.objects.get(id=track.id).earmark_tags == second.categories
 
 
-def _form_post(client, url, data):
-    page = client.get(url)
+def _form_post(admin_client, url, data):
+    page = admin_client.get(url)
     token = page.cookies["csrftoken"].value if "csrftoken" in page.cookies else ""
-    return client.post(url, {**data, "csrfmiddlewaretoken": token})
+    return admin_client.post(url, {**data, "csrfmiddlewaretoken": token})
 
 
-def test_a_library_added_in_the_admin_is_scanned_at_once(client, tmp_path):
+def test_a_library_added_in_the_admin_is_scanned_at_once(admin_client, tmp_path):
     (tmp_path / "new").mkdir()
-    response = _form_post(client, "/admin/workers/library/add/",
+    response = _form_post(admin_client, "/admin/workers/library/add/",
                           {"name": "new", "root": str(tmp_path / "new"), "enabled": "on", "write_mode": "minimal", **STANDARD_FORM})
     assert response.status_code == 302, response.content.decode()[:2000]
     library = Library.objects.get(name="new")
@@ -117,13 +110,13 @@ def test_a_library_added_in_the_admin_is_scanned_at_once(client, tmp_path):
     assert job.state == "queued"
 
 
-def test_deleting_a_library_cancels_its_jobs_and_removes_its_rows(client, library):
+def test_deleting_a_library_cancels_its_jobs_and_removes_its_rows(admin_client, library):
     track = tagged(library, "a.mp3", mood=[("calm", 0.9)])
     Score.objects.create(track=track, model_version="m", labels_version="l", means=b"", spreads=b"")
     queue.enqueue("tag", f"tag:{track.id}", track_id=track.id, library_id=library.id)
     queue.enqueue("scan", f"library:{library.id}", {"kind": "library"}, library_id=library.id)
     Meta.objects.create(key=f"scan:{library.id}", value={"gen": 1, "state": "done"}, updated_at=timezone.now())
-    response = _form_post(client, f"/admin/workers/library/{library.id}/delete/", {"post": "yes"})
+    response = _form_post(admin_client, f"/admin/workers/library/{library.id}/delete/", {"post": "yes"})
     assert response.status_code == 302
     assert not Library.objects.filter(id=library.id).exists()
     assert not Track.objects.exists() and not TrackTag.objects.exists() and not Score.objects.exists()
@@ -136,7 +129,7 @@ def test_deleting_a_library_cancels_its_jobs_and_removes_its_rows(client, librar
 FAILURES = "/admin/failures/"
 
 
-def test_failures_are_grouped_by_reason_with_counts_and_can_be_retried_or_ignored(client, library, tmp_path):
+def test_failures_are_grouped_by_reason_with_counts_and_can_be_retried_or_ignored(admin_client, library, tmp_path):
     root = tmp_path / "music"
     for n in range(3):  # three files the scanner could not read for the same reason
         (root / f"bad{n}.mp3").write_bytes(b"not audio at all")
@@ -147,25 +140,25 @@ def test_failures_are_grouped_by_reason_with_counts_and_can_be_retried_or_ignore
                                                "(last: worker:host:tag:0); it is skipped until the file changes")
     queue.enqueue("scan", "folder:x", {"kind": "folder"}, library_id=library.id)
     Job.objects.filter(key="folder:x").update(state="failed", last_error=f"cannot list {root}/sub: Permission denied")
-    page = client.get(FAILURES).content.decode()
+    page = admin_client.get(FAILURES).content.decode()
     assert "5 failures in 3 groups" in page
     assert failures.reason_of(f"not an audio file: {root}/bad1.mp3 starts with 16 bytes of text") in page
     assert page.count("bad0.mp3") == 1 and "bad2.mp3" in page, "examples of the group are listed"
 
-    token = client.get(FAILURES).cookies["csrftoken"].value
+    token = admin_client.get(FAILURES).cookies["csrftoken"].value
     keys = [g.key for g in failures.groups()]
     job_group = next(k for k in keys if k.startswith("job|"))
     track_group = next(k for k in keys if "not an audio file" in k)
-    client.post(FAILURES, {"action": "retry", "group": [job_group, track_group], "csrfmiddlewaretoken": token})
+    admin_client.post(FAILURES, {"action": "retry", "group": [job_group, track_group], "csrfmiddlewaretoken": token})
     assert Job.objects.get(key="folder:x").state == "queued", "the failed job is back in its queue"
     assert Track.objects.filter(state="failed", path__contains="bad").count() == 3, "still not audio: re-read, failed"
 
     quarantine = next(k for k in keys if k.startswith("track|") and "quarantined" in k)
-    client.post(FAILURES, {"action": "ignore", "group": [quarantine], "csrfmiddlewaretoken": token})
-    after = client.get(FAILURES).content.decode()
+    admin_client.post(FAILURES, {"action": "ignore", "group": [quarantine], "csrfmiddlewaretoken": token})
+    after = admin_client.get(FAILURES).content.decode()
     assert "quarantined" not in after and "1 reason ignored" in after
-    client.post(FAILURES, {"action": "unignore", "csrfmiddlewaretoken": token})
-    assert "quarantined" in client.get(FAILURES).content.decode()
+    admin_client.post(FAILURES, {"action": "unignore", "csrfmiddlewaretoken": token})
+    assert "quarantined" in admin_client.get(FAILURES).content.decode()
 
 
 def test_the_failures_page_is_for_staff_and_acting_needs_the_change_permission(library, django_user_model):
@@ -185,7 +178,7 @@ def test_the_failures_page_is_for_staff_and_acting_needs_the_change_permission(l
 # --- the track page and its player --------------------------------------------------------------
 
 
-def test_the_track_page_shows_strengths_strongest_labels_and_a_player(client, library):
+def test_the_track_page_shows_strengths_strongest_labels_and_a_player(admin_client, library):
     import numpy as np
 
     from workers.tagging import scores as stored
@@ -193,51 +186,51 @@ def test_the_track_page_shows_strengths_strongest_labels_and_a_player(client, li
     track = tagged(library, "song.mp3", mood=[("calm", 0.91)], instrument=[("piano", 0.77)])
     Score.objects.create(track=track, model_version="m", labels_version="l", patches=3,
                          means=stored.pack(np.linspace(0.9, 0.1, 100)), spreads=stored.pack(np.zeros(100)))
-    page = client.get(f"/admin/workers/track/{track.id}/change/").content.decode()
+    page = admin_client.get(f"/admin/workers/track/{track.id}/change/").content.decode()
     assert "<td>calm</td><td>0.91</td>" in page and "<td>piano</td><td>0.77</td>" in page
     assert "strongest first" in page and "<svg" in page, "the bar chart of the strongest labels"
     assert f'<audio controls preload="none" src="/admin/workers/track/{track.id}/audio/">' in page
 
 
-def test_the_player_gets_the_file_with_range_requests_staff_only_and_inside_the_library(client, library, tmp_path):
+def test_the_player_gets_the_file_with_range_requests_staff_only_and_inside_the_library(admin_client, library, tmp_path):
     data = bytes(range(256)) * 40
     (tmp_path / "music" / "song.mp3").write_bytes(data)
     track = tagged(library, "song.mp3")
     url = f"/admin/workers/track/{track.id}/audio/"
-    whole = client.get(url)
+    whole = admin_client.get(url)
     assert whole.status_code == 200 and b"".join(whole.streaming_content) == data
     assert whole["Content-Type"] == "audio/mpeg" and whole["Accept-Ranges"] == "bytes"
-    part = client.get(url, HTTP_RANGE="bytes=10-19")
+    part = admin_client.get(url, HTTP_RANGE="bytes=10-19")
     assert part.status_code == 206 and part.content == data[10:20]
     assert part["Content-Range"] == f"bytes 10-19/{len(data)}"
-    tail = client.get(url, HTTP_RANGE="bytes=-5")
+    tail = admin_client.get(url, HTTP_RANGE="bytes=-5")
     assert tail.status_code == 206 and tail.content == data[-5:]
-    assert client.get(url, HTTP_RANGE=f"bytes={len(data)}-").status_code == 416
+    assert admin_client.get(url, HTTP_RANGE=f"bytes={len(data)}-").status_code == 416
     assert Client().get(url).status_code == 302, "anonymous: to the login page"
     outside = tmp_path / "secret.mp3"
     outside.write_bytes(b"not yours")
     (tmp_path / "music" / "song.mp3").unlink()
     (tmp_path / "music" / "song.mp3").symlink_to(outside)
-    assert client.get(url).status_code == 404, "a symlink leading out of the library is never followed"
+    assert admin_client.get(url).status_code == 404, "a symlink leading out of the library is never followed"
 
 
 # --- the dashboard's queue controls ---------------------------------------------------------------
 
 
-def test_the_dashboard_pauses_resumes_retries_and_cancels_per_queue(client, library, django_user_model):
-    page = client.get("/admin/dashboard/").content.decode()
+def test_the_dashboard_pauses_resumes_retries_and_cancels_per_queue(admin_client, library, django_user_model):
+    page = admin_client.get("/admin/dashboard/").content.decode()
     assert 'value="pause:tag"' in page and "confirm(" in page and "left (at that rate)" in page
-    token = client.get("/admin/dashboard/").cookies["csrftoken"].value
+    token = admin_client.get("/admin/dashboard/").cookies["csrftoken"].value
     steer = "/admin/dashboard/queues/"
-    client.post(steer, {"action": "pause:tag", "csrfmiddlewaretoken": token})
+    admin_client.post(steer, {"action": "pause:tag", "csrfmiddlewaretoken": token})
     assert queue.is_paused("tag")
-    client.post(steer, {"action": "resume:tag", "csrfmiddlewaretoken": token})
+    admin_client.post(steer, {"action": "resume:tag", "csrfmiddlewaretoken": token})
     assert not queue.is_paused("tag")
     queue.enqueue("tag", "t1")
     queue.enqueue("tag", "t2")
-    client.post(steer, {"action": "cancel:tag", "csrfmiddlewaretoken": token})
+    admin_client.post(steer, {"action": "cancel:tag", "csrfmiddlewaretoken": token})
     assert set(Job.objects.values_list("state", flat=True)) == {"cancelled"}
-    client.post(steer, {"action": "retry:tag", "csrfmiddlewaretoken": token})
+    admin_client.post(steer, {"action": "retry:tag", "csrfmiddlewaretoken": token})
     assert set(Job.objects.values_list("state", flat=True)) == {"queued"}
     viewer = django_user_model.objects.create_user("viewer2", password="pw", is_staff=True)
     c = Client()
@@ -246,7 +239,7 @@ def test_the_dashboard_pauses_resumes_retries_and_cancels_per_queue(client, libr
     assert c.post(steer, {"action": "pause:tag"}).status_code == 403 and not queue.is_paused("tag")
 
 
-def test_the_dashboard_charts_jobs_done_per_minute_per_queue(client):
+def test_the_dashboard_charts_jobs_done_per_minute_per_queue(admin_client):
     from datetime import timedelta
 
     from workers.live import plots
@@ -258,4 +251,4 @@ def test_the_dashboard_charts_jobs_done_per_minute_per_queue(client):
     tag_chart = plots.throughput_charts(now=now)[1]
     assert "tag: jobs done per minute" in tag_chart and ">3<" in tag_chart, "the peak minute's count is labelled"
     assert tag_chart.count("<rect") == 2, "two minutes had work"
-    assert "jobs done per minute" in client.get("/admin/dashboard/").content.decode()
+    assert "jobs done per minute" in admin_client.get("/admin/dashboard/").content.decode()

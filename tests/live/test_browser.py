@@ -78,6 +78,7 @@ def scan_row_state(page, library_id: int) -> dict:
         const workers = Array.from(document.querySelectorAll('#earmark-workers td[data-field="state"]'));
         return {
             folders: row ? row.querySelector('[data-field="folders"]').textContent : null,
+            eta: row ? row.querySelector('[data-field="eta"]').textContent : null,
             state: row ? row.dataset.state : null,
             busy: workers.filter(td => td.textContent === "busy").length,
             marker: window.__earmarkNoReload === true,
@@ -112,6 +113,10 @@ def test_dashboard_shows_a_scan_from_the_admin_live(worker_env, tmp_path, django
     # Progress moved in steps on the same page: several distinct partial states before "done".
     partial = {s["folders"] for s in seen if s["state"] == "running" and s["folders"]}
     assert len(partial) >= 3, seen
+    # The scan's time left and rate appeared and changed while it ran (workers/live/eta.py), and went with it.
+    etas = [s["eta"] for s in seen if s["state"] == "running" and s["eta"]]
+    assert any("min (" in e and "folders/min)" in e for e in etas) and len(set(etas)) >= 2, seen
+    assert seen[-1]["eta"] == "", seen[-1]
     assert Track.objects.filter(library=library, state="scanned").count() == 24 * COPIES
 
 

@@ -56,3 +56,31 @@ def test_the_admin_preview_page_is_for_staff_and_lists_every_policy(tmp_path, db
     assert all(f'data-policy="{p}"' in html for p in ("off", "fill-empty", "append", "replace"))
     assert path.name in html
     assert url in admin_client.get(f"/admin/workers/library/{library.id}/change/").content.decode()
+
+
+def test_samples_are_scored_tracks_picked_by_id_range_not_a_sort_of_the_whole_library(tmp_path, db):
+    import random
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from workers.tagging.preview import sample_ids
+
+    library = Library.objects.create(name="music", root=str(tmp_path))
+    other = Library.objects.create(name="other", root=str(tmp_path / "other"))
+    means = np.zeros(len(LABEL_ORDER), dtype=np.float32)
+    scored = set()
+    for i in range(60):
+        track = Track.objects.create(library=other if i % 5 == 4 else library, path=f"{tmp_path}/{i}.mp3",
+                                     folder=str(tmp_path), format="mp3")
+        if i % 3:  # every third track has no scores yet
+            scores.save(track, "m@1", LABEL_ORDER, means, means, 1)
+            if track.library_id == library.id:
+                scored.add(track.id)
+    with CaptureQueriesContext(connection) as queries:
+        picked = sample_ids(library, 5, random.Random(7))
+    assert len(picked) == 5 == len(set(picked)) and set(picked) <= scored
+    assert not any("RANDOM()" in q["sql"].upper() for q in queries.captured_queries)
+    assert sample_ids(library, 5, random.Random(8)) != picked, "another draw, other tracks"
+    assert sorted(sample_ids(library, 100)) == sorted(scored), "a small library gives all its scored tracks"
+    assert sample_ids(Library.objects.create(name="empty", root=str(tmp_path / "e")), 5) == []

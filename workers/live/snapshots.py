@@ -24,11 +24,14 @@ from django.utils import timezone
 
 from workers.jobs import queue, registry
 from workers.library import scan
+from workers.live import eta
 from workers.models import Job, Library, Meta
 
 CHANNELS = ("workers", "queues", "jobs")
 THROUGHPUT_WINDOW_S = 60
 RECENT_FAILURES = 10
+# A running scan's rate and time left move with the clock: re-read its row at least this often.
+SCAN_ETA_REFRESH_S = 5.0
 ERROR_PREVIEW_CHARS = 400
 
 # The worker-row fields the dashboard shows (the row holds more: boot id, pid start time...).
@@ -147,12 +150,14 @@ def _as_datetime(value):
 
 
 def queues_snapshot() -> Snapshot:
-    """Counts per queue and state with the paused flag (``queue:<name>``), and ``throughput``."""
+    """Counts per queue and state with the paused flag and time left (``queue:<name>``), and ``throughput``."""
     paused = set(Meta.objects.filter(key__startswith="queue:", key__endswith=":paused").values_list("key", flat=True))
+    per_queue, refresh = throughput()
     state = {}
     for name, counts in queue.counts().items():
-        state[f"queue:{name}"] = {**counts, "paused": queue.paused_key(name) in paused}
-    per_queue, refresh = throughput()
+        is_paused = queue.paused_key(name) in paused
+        left = eta.text(counts.get("queued", 0) + counts.get("running", 0), per_queue.get(name, 0), is_paused)
+        state[f"queue:{name}"] = {**counts, "paused": is_paused, "eta": left}
     state["throughput"] = {"per_minute": per_queue, "total": sum(per_queue.values())}
     return Snapshot(state, refresh)
 
@@ -166,6 +171,7 @@ def scan_row(library: Library, progress: dict) -> dict:
     row["state"] = row["state"] or "never scanned"
     row["errors"] = len(progress.get("errors") or [])
     row["last_scan_error"] = library.last_scan_error
+    row.update({"rate": None, "eta": "", **eta.scan(progress)})
     return row
 
 
@@ -187,14 +193,19 @@ def recent_failures(limit: int = RECENT_FAILURES) -> list[dict]:
 
 
 def jobs_snapshot() -> Snapshot:
-    """Scan progress per library (``scan:<library id>``) and ``failures``, the recent failed jobs."""
+    """Scan progress per library (``scan:<library id>``, with rate and time left) and ``failures``, the recent failed jobs.
+
+    Refresh: every ``SCAN_ETA_REFRESH_S`` while a scan runs (its rate falls when no folder is done).
+    """
     rows = {m.key: m.value for m in Meta.objects.filter(key__startswith="scan:")}
-    state = {}
+    state, refresh = {}, None
     for library in Library.objects.order_by("name"):
         key = scan.progress_key(library.id)
         state[key] = scan_row(library, rows.get(key, {}))
+        if state[key]["state"] == "running":
+            refresh = time.time() + SCAN_ETA_REFRESH_S
     state["failures"] = recent_failures()
-    return Snapshot(state)
+    return Snapshot(state, refresh)
 
 
 READERS = {"workers": workers_snapshot, "queues": queues_snapshot, "jobs": jobs_snapshot}

@@ -1,4 +1,4 @@
-"""supervisord's process table and group control over its XML-RPC interface on the unix socket.
+"""supervisord's process table, process and group control, and config reload over its XML-RPC interface on the unix socket.
 
 Uses supervisor's own transport (``supervisor.xmlrpc.SupervisorTransport``),
 the one supervisorctl uses, with a socket timeout added so that a wedged
@@ -43,6 +43,12 @@ class Process:
     @property
     def full_name(self) -> str:
         return f"{self.group}:{self.name}"
+
+    @property
+    def number(self) -> str:
+        """supervisord's process number, read off the name (``tagger_02`` → "2"); "" for a program of one."""
+        digits = self.name[len(self.name.rstrip("0123456789")):]
+        return str(int(digits)) if digits and self.name != self.group else ""
 
 
 def socket_path() -> str:
@@ -111,14 +117,44 @@ def groups(processes: list[Process]) -> list[str]:
     return list(dict.fromkeys(p.group for p in processes))
 
 
-def control(action: str, group: str, path: str | None = None) -> None:
-    """Start, stop or restart every process of a program group, waiting until it is done."""
+def control(action: str, group: str, process: str = "", path: str | None = None) -> None:
+    """Start, stop or restart every process of a program group, or one of them by name, waiting until it is done.
+
+    A restart of a process that is not running just starts it (supervisorctl does the same).
+    """
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}")
     if group in UNCONTROLLABLE_GROUPS:
         raise SupervisorError(f"the {group} program is not controlled from the web page; use supervisorctl")
     rpc = proxy(timeout=CONTROL_TIMEOUT_S, path=path).supervisor
+    if process:
+        name = f"{group}:{process}"
+        stop, start = (lambda: rpc.stopProcess(name, True)), (lambda: rpc.startProcess(name, True))
+    else:
+        stop, start = (lambda: rpc.stopProcessGroup(group, True)), (lambda: rpc.startProcessGroup(group, True))
     if action in ("stop", "restart"):
-        _call(lambda: rpc.stopProcessGroup(group, True), path)
+        try:
+            _call(stop, path)
+        except SupervisorError as exc:
+            if not (action == "restart" and "NOT_RUNNING" in str(exc)):
+                raise
     if action in ("start", "restart"):
-        _call(lambda: rpc.startProcessGroup(group, True), path)
+        _call(start, path)
+
+
+def update_group(group: str, path: str | None = None) -> str:
+    """What ``supervisorctl update GROUP`` does: re-read the config files, then apply them to this group only.
+
+    A changed group is stopped (its workers finish or release their jobs),
+    removed and added back as the files now say; supervisord starts it again
+    where the program autostarts. Returns "added", "changed", "removed" or
+    "unchanged". Other groups' pending changes are left for ``supervisorctl update``.
+    """
+    rpc = proxy(timeout=CONTROL_TIMEOUT_S, path=path).supervisor
+    [[added, changed, removed]] = _call(rpc.reloadConfig, path)
+    if group in removed or group in changed:
+        _call(lambda: rpc.stopProcessGroup(group, True), path)
+        _call(lambda: rpc.removeProcessGroup(group), path)
+    if group in added or group in changed:
+        _call(lambda: rpc.addProcessGroup(group), path)
+    return "added" if group in added else "changed" if group in changed else "removed" if group in removed else "unchanged"

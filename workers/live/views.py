@@ -9,6 +9,7 @@ that connects or reconnects starts from the truth and then applies deltas
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from django.contrib import admin, messages
 from django.contrib.admin.views.decorators import staff_member_required
@@ -20,14 +21,15 @@ from django.views.decorators.http import require_POST
 from django_eventstream.utils import sse_encode_event
 from django_eventstream.views import events as eventstream_events
 
-from workers.jobs import queue
-from workers.live import plots, snapshots, supervisor_client
+from workers.jobs import queue, registry
+from workers.live import numprocs, plots, snapshots, supervised, supervisor_client
 from workers.live.broker import EVENT_SNAPSHOT, Broker, get_broker
 from workers.live.channels import StaffChannelManager
 from workers.models import Library, Track
 
 CONTROL_PERMISSION = "workers.control_supervisor"
 KEEP_ALIVE = b"event: keep-alive\ndata:\n\n"
+log = logging.getLogger("earmark.admin")
 
 
 # --- the event stream ---------------------------------------------------------------
@@ -79,14 +81,25 @@ def events_url() -> str:
 
 
 def supervisor_context(user) -> dict:
-    """The process table, or why there is none; never raises."""
+    """The process table beside the worker rows, or why there is none; never raises."""
     try:
         processes = supervisor_client.process_table()
     except supervisor_client.SupervisorError as exc:
         return {"supervisor_error": str(exc), "processes": [], "groups": []}
     groups = [g for g in supervisor_client.groups(processes) if g not in supervisor_client.UNCONTROLLABLE_GROUPS]
+    chosen = numprocs.chosen()
+    scalable = [{"group": g, "count": sum(p.group == g for p in processes), "chosen": g in chosen}
+                for g in groups if g in numprocs.SCALABLE_GROUPS]
     return {"supervisor_error": "", "processes": processes, "groups": groups,
-            "can_control": user.has_perm(CONTROL_PERMISSION), "actions": supervisor_client.ACTIONS}
+            "supervisor_rows": supervised.rows(processes, registry.live_workers()),
+            "can_control": user.has_perm(CONTROL_PERMISSION), "actions": supervisor_client.ACTIONS,
+            "scalable": scalable, "numprocs_min": numprocs.MIN_PROCESSES, "numprocs_max": numprocs.MAX_PROCESSES,
+            "numprocs_file": numprocs.conf_path()}
+
+
+def supervisor_table(request):
+    """The supervisor section alone, which the dashboard reads again every few seconds."""
+    return render(request, "workers/supervisor.html", supervisor_context(request.user))
 
 
 def dashboard(request):
@@ -158,20 +171,53 @@ def control_permission():
         defaults={"name": "Can start, stop and restart supervisord programs"})[0]
 
 
+def log_action(request, target: str, message: str) -> None:
+    """Record what a person did to supervisord in the admin's log (its "Recent actions", with the user) and the log."""
+    from django.contrib.admin.models import CHANGE, LogEntry
+
+    LogEntry.objects.create(user_id=request.user.pk, content_type=None, object_id=None,
+                            object_repr=f"supervisor: {target}"[:200], action_flag=CHANGE, change_message=message)
+    log.info("%s: supervisor %s: %s", request.user.get_username(), target, message)
+
+
 @require_POST
 def supervisor_control(request):
-    """Start, stop or restart one program group; needs the dedicated permission."""
+    """Start, stop or restart one program group, or one ``process`` of it; needs the dedicated permission."""
     if not request.user.has_perm(CONTROL_PERMISSION):
         raise PermissionDenied("controlling supervisord needs the 'control supervisor' permission")
     action, group = request.POST.get("action", ""), request.POST.get("group", "")
+    process = request.POST.get("process", "")
     if action not in supervisor_client.ACTIONS or not group:
         messages.error(request, "Choose a program group and start, stop or restart.")
         return redirect("earmark-dashboard")
+    target = f"{group}:{process}" if process else group
     try:
-        supervisor_client.control(action, group)
+        supervisor_client.control(action, group, process)
     except supervisor_client.SupervisorError as exc:
-        messages.error(request, f"Could not {action} {group}: {exc}")
+        messages.error(request, f"Could not {action} {target}: {exc}")
+        log_action(request, target, f"{action} failed: {exc}")
     else:
-        messages.success(request, f"{group}: {action} done.")
+        messages.success(request, f"{target}: {action} done.")
+        log_action(request, target, f"{action} done")
+    return redirect("earmark-dashboard")
+
+
+@require_POST
+def supervisor_numprocs(request):
+    """Run another number of a program's processes (asked for confirmation in the page); needs the permission."""
+    if not request.user.has_perm(CONTROL_PERMISSION):
+        raise PermissionDenied("changing the number of processes needs the 'control supervisor' permission")
+    group, count = request.POST.get("group", ""), request.POST.get("numprocs", "")
+    try:
+        done = numprocs.resize(group, count)
+    except ValueError as exc:
+        messages.error(request, f"Not changed: {exc}.")
+    except supervisor_client.SupervisorError as exc:
+        messages.error(request, f"Could not change the number of {group} processes: {exc}")
+        log_action(request, group, f"numprocs {count} failed: {exc}")
+    else:
+        messages.success(request, f"{group}: {done.after} process(es) (was {done.before})"
+                         + (", restarted." if done.restarted else "."))
+        log_action(request, group, f"numprocs {done.before} → {done.after}")
     return redirect("earmark-dashboard")
 

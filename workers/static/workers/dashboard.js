@@ -95,17 +95,6 @@
   const QUEUE_CELLS = ["queue", "queued", "running", "done", "failed", "cancelled", "paused", "per_minute", "eta"]
     .map(f => ({field: f}));
 
-  // What is left at the last minute's rate: "12 min", "3.5 h"; nothing when idle or stalled.
-  function eta(left, perMinute, paused) {
-    if (!left) return "";
-    if (paused) return "paused";
-    if (!perMinute) return "—";
-    const minutes = left / perMinute;
-    if (minutes < 1) return "< 1 min";
-    if (minutes < 90) return Math.round(minutes) + " min";
-    return (minutes / 60).toFixed(1) + " h";
-  }
-
   function drawQueues(state) {
     const tbody = document.querySelector("#earmark-queues tbody");
     const keys = new Set();
@@ -119,7 +108,7 @@
       for (const s of ["queued", "running", "done", "failed", "cancelled"]) setCell(row, s, text(counts[s]));
       setCell(row, "paused", counts.paused ? "paused" : "");
       setCell(row, "per_minute", text(rate[name] || 0));
-      setCell(row, "eta", eta((counts.queued || 0) + (counts.running || 0), rate[name] || 0, counts.paused));
+      setCell(row, "eta", text(counts.eta));  // time left at the last minute's rate (workers/live/eta.py)
     }
     dropMissing(tbody, keys);
   }
@@ -152,7 +141,8 @@
   }
 
   const SCAN_CELLS = [
-    {field: "library"}, {field: "state"}, {field: "folders", bar: "folders"}, {field: "files_seen"}, {field: "new"},
+    {field: "library"}, {field: "state"}, {field: "folders", bar: "folders"}, {field: "eta"}, {field: "files_seen"},
+    {field: "new"},
     {field: "changed"}, {field: "failed"}, {field: "missing"}, {field: "error"},
   ];
 
@@ -168,6 +158,8 @@
       const total = s.folders_total || 0;
       setBar(row, "folders", total ? s.folders_done || 0 : null, Math.max(1, total));
       setCell(row, "folders", total ? (s.folders_done || 0) + " / " + total : "");
+      // Time left for the folders found so far, at the folders per minute since the scan began.
+      setCell(row, "eta", s.eta ? s.eta + (s.rate ? " (" + s.rate + " folders/min)" : "") : "");
       setCell(row, "error", text(s.error || s.last_scan_error || (s.errors ? s.errors + " unreadable folder(s)" : "")));
     }
     dropMissing(tbody, keys);
@@ -251,6 +243,19 @@
       if (source.readyState === EventSource.CLOSED) status("disconnected (reload the page)", "error");
       else status("reconnecting…", "connecting");
     };
+  }
+
+  // supervisord's table is not in the database: read it again every few seconds while the page is in view,
+  // but not while the person is using one of its forms.
+  const supervisor = document.getElementById("earmark-supervisor");
+  if (supervisor && supervisor.dataset.url) {
+    setInterval(async () => {
+      if (document.hidden || supervisor.contains(document.activeElement)) return;
+      try {
+        const response = await fetch(supervisor.dataset.url, {credentials: "same-origin"});
+        if (response.ok && !response.redirected && !supervisor.contains(document.activeElement)) supervisor.innerHTML = await response.text();
+      } catch (e) { /* the next tick tries again */ }
+    }, 5000);
   }
 
   const initial = JSON.parse(document.getElementById("earmark-initial").textContent);
