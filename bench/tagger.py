@@ -15,6 +15,18 @@ tagger's networks are a stand-in that costs nothing (``bench.stand_in_tagger``):
 a GPU's forward passes take milliseconds, so this is what such a tagger can be
 fed on this machine's cores; with ``--gpu`` the real networks run on the GPU.
 
+Full vs fast analysis (CPU, always; ``bench.fastpath``): the demo library and
+the real-music corpus (``bench.corpus``: whole tracks of Debian game
+soundtracks in ``--corpus-formats``) are tagged with the library's analysis
+set to full and to fast, at 1 and 2 processes, side by side in one run: ×
+realtime, patches scored, peak memory per process, agreement of the written
+(track, category, value) tags and tracks that lost their genre, mean absolute
+difference of calibrated scores; then one tagger that overlaps decoding with
+its networks (``--batch 4`` and one decode process) against two plain ones,
+and the anchors (the original ``musicnn`` package, essentia's musicnn models)
+where they install. The CPU rows above are the fast runs of the demo library.
+``--quick`` makes it a short smoke run.
+
 GPU (``--gpu``): also an in-process sweep of files per batch (patches of several
 files in one forward pass, fed by spawned decode processes), with tracks/s,
 × realtime and GPU memory.
@@ -27,7 +39,8 @@ import os
 import shutil
 from pathlib import Path
 
-from bench.common import ROOT, Procs, Workspace, connect, manage, median, scalar, stopwatch, wait_until
+from bench import fastpath
+from bench.common import ROOT, Procs, Workspace, connect, manage, median, print_table, scalar, stopwatch, wait_until
 
 CACHE = ROOT / "var" / "bench-cache"
 TARGET_CPU_X_REALTIME = 50.0
@@ -94,14 +107,22 @@ def pool_ceiling(files: list[Path], workers: int) -> tuple[float, float]:
 
 
 def run_taggers(ws: Workspace, library: Path, models: Path, processes: int, device: str, batch: int | None,
-                decode_workers: int | None = None, stand_in: bool = False) -> dict:
-    """Scan a fresh copy of the library, then time ``processes`` taggers draining its tag jobs."""
+                decode_workers: int | None = None, stand_in: bool = False, analysis: str | None = None) -> dict:
+    """Scan a fresh copy of the library, then time ``processes`` taggers draining its tag jobs.
+
+    ``analysis`` (fast/full) sets the library's; the result then also holds
+    each track's written tags and stored mean scores (by path in the
+    library), the patches scored of all, and the taggers' peak memory.
+    """
     db = ws.fresh_db()
     copy = ws.dir / f"lib-{db.stem}"
     shutil.copytree(library, copy)
     env = ws.env(db, EARMARK_MODELS_DIR=models, EARMARK_IDLE_POLL_SECONDS="0.05", EARMARK_TORCH_THREADS="1",
+                 EARMARK_CALIBRATION_MIN_TRACKS="1000000",  # every run judges its tags uncalibrated, as runs compare
                  **({"EARMARK_DECODE_WORKERS": decode_workers} if decode_workers else {}))
     manage("library", "add", "bench", copy, env=env)
+    if analysis:
+        manage("library", "set", "bench", "--analysis", analysis, env=env)
     manage("scan", "bench", env=env)
     manage("run_scanner", "--exit-when-idle", env=env)
     manage("queue", "pause", "tag", env=env)
@@ -120,15 +141,36 @@ def run_taggers(ws: Workspace, library: Path, models: Path, processes: int, devi
                                             "AND state IN ('done','failed')") == total,
                        timeout=3600, interval=0.05, message="all tag jobs finished", procs=procs)
         wall = elapsed()
+        peak_mb = max(_peak_rss_mb(p.pid) for p in procs.procs)  # before they exit: the high-water mark so far
         procs.check_exits(procs.wait(120))
     rows = [json.loads(r) for (r,) in conn.execute("SELECT result FROM workers_job WHERE queue='tag' AND state='done'")]
     failed = scalar(conn, "SELECT COUNT(*) FROM workers_job WHERE queue='tag' AND state='failed'")
+    tags, means = {}, {}
+    if analysis:
+        import numpy as np
+
+        for path, earmark, blob in conn.execute("SELECT t.path, t.earmark_tags, s.means FROM workers_track t "
+                                                "JOIN workers_score s ON s.track_id = t.id"):
+            rel = os.path.relpath(path, copy)
+            tags[rel], means[rel] = json.loads(earmark or "{}"), np.frombuffer(blob, dtype="<f4")
     conn.close()
     shutil.rmtree(copy)
     audio = sum(r["seconds"] for r in rows)
     split = {k: sum(r["timings"].get(k, 0) for r in rows) for k in ("decode", "frontend", "networks", "write", "record")}
     gpu_mb = max((r.get("gpu_memory") or 0 for r in rows), default=0) / 2**20
-    return {"tracks": len(rows), "failed": failed, "wall": wall, "audio": audio, "split": split, "gpu_mb": gpu_mb}
+    return {"tracks": len(rows), "failed": failed, "wall": wall, "audio": audio, "split": split, "gpu_mb": gpu_mb,
+            "patches": sum(r.get("patches", 0) for r in rows),
+            "patches_total": sum(r.get("patches_total", r.get("patches", 0)) for r in rows),
+            "peak_mb": peak_mb, "tags": tags, "means": means}
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """A live process's peak resident memory (``VmHWM``), in MB; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0.0
 
 
 def gpu_sweep(files: list[Path], models: Path, batches: list[int], workers: int, device: str) -> list[dict]:
@@ -217,7 +259,16 @@ def main(argv=None) -> None:
     parser.add_argument("--gpu", action="store_true", help="GPU sweep, and the pipeline with the real networks")
     parser.add_argument("--device", default=None, help="with --gpu: the device (default cuda; cpu to try the path)")
     parser.add_argument("--batches", default="8,32,96", help="with --gpu: files per batch in the sweep")
+    parser.add_argument("--corpus-tracks", type=int, default=15, help="real-music tracks (bench.corpus); 0: none")
+    parser.add_argument("--corpus-formats", default="flac,mp3,opus", help="formats of the real corpus")
+    parser.add_argument("--corpus-seconds", type=float, default=0, help="clip of each real track (0: whole tracks)")
+    parser.add_argument("--no-overlap", dest="overlap", action="store_false",
+                        help="skip the run that overlaps decoding with the networks (1 tagger + 1 decode process)")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run: small libraries, one repeat")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.tracks, args.pipeline_tracks, args.repeats = min(args.tracks, 4), min(args.pipeline_tracks, 8), 1
+        args.corpus_tracks, args.corpus_formats, args.corpus_seconds = min(args.corpus_tracks, 2), "flac", 60
 
     library = demo_library(args.tracks, args.min_seconds, args.max_seconds)
     big = demo_library(args.pipeline_tracks, args.min_seconds, args.max_seconds)
@@ -232,17 +283,36 @@ def main(argv=None) -> None:
             print(f"{r['batch']:11} {r['tracks_s']:9.1f} {r['x_rt']:11.0f} {r['gpu_mb']:8.0f}")
     results: dict[int, list[dict]] = {}
     pipeline: list[dict] = []
+    processes = [int(p) for p in args.processes.split(",")]
+    compared, overlap = {}, []
     with Workspace() as ws:
         ceiling = decode_ceiling(files)
         pool = pool_ceiling(big_files, args.decode_workers)
+        if not args.gpu:  # full vs fast, side by side (bench.fastpath); the fast runs are the CPU rows below
+            compared["demo"] = fastpath.run_pair(ws, library, models, processes, args.repeats)
+            results = {n: compared["demo"][("fast", n)] for n in processes}
+            real = fastpath.corpus_library(ws, args.corpus_tracks, args.corpus_formats.split(","),
+                                           args.corpus_seconds) if args.corpus_tracks else None
+            if real is not None:
+                compared["real corpus"] = fastpath.run_pair(ws, real, models, processes, args.repeats)
+                if args.overlap:
+                    overlap = [run_taggers(ws, real, models, 1, "cpu", 4, 1, analysis="fast")
+                               for _ in range(args.repeats)]
         for _ in range(args.repeats):
-            if not args.gpu:
-                for n in [int(p) for p in args.processes.split(",")]:
-                    results.setdefault(n, []).append(run_taggers(ws, library, models, n, "cpu", None))
             pipeline.append(run_taggers(ws, big, models, 1, device, args.batch, args.decode_workers,
                                         stand_in=not args.gpu))
     if results:
         print_cpu(results, ceiling)
+    for name, runs in compared.items():
+        fastpath.report(name, runs, processes)
+    if overlap:
+        xrt = median([r["audio"] / r["wall"] for r in overlap])
+        two = median([r["audio"] / r["wall"] for r in compared["real corpus"][("fast", max(processes))]])
+        print(f"\noverlap (real corpus, fast): 1 tagger --batch 4 with 1 decode process {xrt:.1f}x realtime, "
+              f"{max(processes)} plain taggers {two:.1f}x: {xrt / two:.2f}x")
+    if not args.gpu:
+        print()
+        print_table(["anchor", "on the same files"], fastpath.anchors(), title="anchors")
     print_pipeline(pipeline, pool, args.decode_workers, args.batch, device if args.gpu else None)
 
 

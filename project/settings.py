@@ -56,6 +56,25 @@ EARMARK_BROKER_MIN_INTERVAL = env.float("EARMARK_BROKER_MIN_INTERVAL", default=0
 EARMARK_BROKER_FALLBACK_SECONDS = env.float("EARMARK_BROKER_FALLBACK_SECONDS", default=2.0)
 EARMARK_LISTEN_URL = env.str("EARMARK_LISTEN_URL", default="")
 
+# The hooks' HTTP API (workers.api): a fixed-window rate limit per token and per client IP
+# (requests per window; 0 = no limit), counted in this cache alias, and the paths one request may name.
+EARMARK_API_RATE_WINDOW_SECONDS = env.int("EARMARK_API_RATE_WINDOW_SECONDS", default=60)
+EARMARK_API_RATE_PER_TOKEN = env.int("EARMARK_API_RATE_PER_TOKEN", default=120)
+EARMARK_API_RATE_PER_IP = env.int("EARMARK_API_RATE_PER_IP", default=300)
+EARMARK_API_RATE_CACHE = env.str("EARMARK_API_RATE_CACHE", default="default")
+EARMARK_API_MAX_PATHS = env.int("EARMARK_API_MAX_PATHS", default=1000)
+
+# The library watcher (workers.library.watch): a folder is queued once no event came for SETTLE
+# seconds; libraries are re-read every RELOAD seconds (a broken root is tried again then);
+# FORCE_POLL polls every library (as on NFS/SMB/FUSE); SCAN_ON_START asks for an incremental
+# scan whenever a library starts being watched; a flush naming over MAX_FOLDERS folders asks
+# for a library scan instead of one job per folder.
+EARMARK_WATCH_SETTLE_SECONDS = env.float("EARMARK_WATCH_SETTLE_SECONDS", default=2.0)
+EARMARK_WATCH_RELOAD_SECONDS = env.float("EARMARK_WATCH_RELOAD_SECONDS", default=10.0)
+EARMARK_WATCH_FORCE_POLL = env.bool("EARMARK_WATCH_FORCE_POLL", default=False)
+EARMARK_WATCH_SCAN_ON_START = env.bool("EARMARK_WATCH_SCAN_ON_START", default=True)
+EARMARK_WATCH_MAX_FOLDERS = env.int("EARMARK_WATCH_MAX_FOLDERS", default=1000)
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -135,4 +154,7 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("EARMARK_LOG_LEVEL", default="INFO")},
+    # One line per API request (token name, client IP, method, path, status) into the web process's
+    # log (supervisord's web.log), even when EARMARK_LOG_LEVEL quietens everything else.
+    "loggers": {"earmark.api": {"level": env.str("EARMARK_API_LOG_LEVEL", default="INFO")}},
 }

@@ -1,9 +1,10 @@
-"""URL routes: the admin with its live dashboard, and the event stream that keeps it live."""
+"""URL routes: the admin with its live dashboard, the event stream that keeps it live, and the hooks' API."""
 from django.contrib import admin
 from django.urls import path
 
 from workers.admin import exports, preview
 from workers.admin.failures import failures_page
+from workers.api import views as api
 from workers.live import views
 
 urlpatterns = [
@@ -22,4 +23,7 @@ urlpatterns = [
     path("admin/preview/<int:library_id>/", admin.site.admin_view(preview.preview_page), name="earmark-preview"),
     path("admin/", admin.site.urls),
     path("events/", views.events, name="earmark-events"),
+    # The hooks' HTTP API: token-authenticated, never by session (workers.api.views).
+    path("api/enqueue", api.enqueue_view, name="earmark-api-enqueue"),
+    path("api/tracks", api.tracks_view, name="earmark-api-tracks"),
 ]

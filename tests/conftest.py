@@ -28,7 +28,8 @@ pytest_plugins = [p for p in ("tests.conftest_models",) if (ROOT / "tests" / "co
 # The modules that run on both databases: the queue, the worker runtime, the scanner, the
 # broker, and the PostgreSQL-only tests.
 POSTGRES_MODULES = ("jobs/test_queue", "jobs/test_queue_properties", "jobs/test_leases", "jobs/test_worker_processes",
-                    "library/test_scanner", "library/test_scan_races", "live/test_broker", "jobs/test_postgres")
+                    "library/test_scanner", "library/test_scan_races", "library/test_moves", "live/test_broker",
+                    "jobs/test_postgres")
 
 
 def on_postgres() -> bool:
@@ -164,7 +165,8 @@ def drain_scans(limit: int | None = None) -> list:
 
 
 #: The library form's standard-field settings at their defaults, as the admin's form posts them.
-STANDARD_FORM = {"standard_tags": "fill-empty", "standard_limits": '{"genre": 2, "mood": 2}', "id3v23_separator": "/"}
+STANDARD_FORM = {"standard_tags": "fill-empty", "standard_limits": '{"genre": 2, "mood": 2}', "id3v23_separator": "/",
+                 "analysis": "fast"}
 
 
 def category_tags(fields: dict) -> dict:

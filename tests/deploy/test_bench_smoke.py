@@ -69,7 +69,7 @@ def test_tagger_benchmark_prints_every_row(installed_models_dir, monkeypatch):
     monkeypatch.setenv("EARMARK_MODELS_DIR", str(installed_models_dir))
     out = run_bench("bench.tagger", "--tracks", "2", "--pipeline-tracks", "7", "--min-seconds", "3",
                     "--max-seconds", "4", "--repeats", "1", "--processes", "1,2", "--batch", "3",
-                    "--decode-workers", "1", timeout=400)
+                    "--decode-workers", "1", "--corpus-tracks", "0", timeout=600)
     for label in ("1 tagger process(es)", "2 tagger process(es)", "decode-only loop (1 process)",
                   "1 tagger, 3/batch, 1 decode proc", "1 decode procs, decode+patches only"):
         [line] = rows(out, label)
@@ -77,3 +77,8 @@ def test_tagger_benchmark_prints_every_row(installed_models_dir, monkeypatch):
     assert "pipeline (stand-in networks; 7 tracks per run)" in out, out
     assert re.search(r"2 processes: [\d.]+x realtime = \d+\.\d\d x the 50x target", out), out
     assert re.search(r"tagger / decode-only ceiling of its decode processes: \d+\.\d\dx", out), out
+    for mode in ("full", "fast"):  # full vs fast analysis side by side (bench.fastpath)
+        assert len([r for r in rows(out, f"demo: {mode}") if re.search(r"\s\d+%\s+\d+\s+0$", r)]) == 2, out
+    assert re.search(r"tags, fast vs full: \d+\.\d% the same of \d+ \(target 98%\); tracks that lost their genre: \d+",
+                     out), out
+    assert "not installable" in out or "installed" in out, out

@@ -10,30 +10,37 @@ from django.utils.safestring import mark_safe
 
 from workers.admin.common import ADMIN_PRIORITY, json_block
 from workers.library import libraries, scan
-from workers.live import plots
+from workers.live import eta, plots
 from workers.models import Library, Track
 
 
 class LibraryForm(forms.ModelForm):
     class Meta:
         model = Library
-        fields = ["name", "root", "enabled", "write_mode", "standard_tags", "standard_limits", "id3v23_separator"]
+        fields = ["name", "root", "enabled", "write_mode", "analysis", "standard_tags", "standard_limits",
+                  "id3v23_separator"]
 
     def clean_root(self):
         """An existing directory, stored resolved (the same check as ``library add``)."""
         return libraries.validate_root(self.cleaned_data["root"])
 
+    def clean_standard_limits(self):
+        """A field → count object (``{"genre": 2, "mood": 2}``): junk is a form error here, not a failed tag job later."""
+        value = self.cleaned_data["standard_limits"]
+        return {} if value is None else libraries.validate_standard_limits(value)  # empty: no standard fields
+
 
 @admin.register(Library)
 class LibraryAdmin(admin.ModelAdmin):
     form = LibraryForm
-    list_display = ["name", "root", "enabled", "write_mode", "standard_tags", "track_count", "scan_status", "last_scan_at"]
-    list_filter = ["enabled", "write_mode", "standard_tags"]
+    list_display = ["name", "root", "enabled", "write_mode", "analysis", "standard_tags", "track_count", "scan_status",
+                    "last_scan_at"]
+    list_filter = ["enabled", "write_mode", "analysis", "standard_tags"]
     search_fields = ["name", "root"]
     actions = ["scan", "full_scan"]
     readonly_fields = ["tag_preview", "scan_progress", "last_scan_at", "last_scan_error", "distribution"]
     fieldsets = [
-        (None, {"fields": ["name", "root", "enabled", "write_mode"]}),
+        (None, {"fields": ["name", "root", "enabled", "write_mode", "analysis"]}),
         ("Standard fields (genre and mood where players look)",
          {"fields": ["standard_tags", "standard_limits", "id3v23_separator", "tag_preview"]}),
         ("Scans", {"fields": ["scan_progress", "last_scan_at", "last_scan_error"]}),
@@ -67,7 +74,9 @@ class LibraryAdmin(admin.ModelAdmin):
         p = scan.progress(obj)
         if not p:
             return "never scanned"
-        return f"{p.get('state')}: {p.get('folders_done', 0)}/{p.get('folders_total', 0)} folders, {p.get('files_seen', 0)} files"
+        left = eta.scan_text(p)
+        return (f"{p.get('state')}: {p.get('folders_done', 0)}/{p.get('folders_total', 0)} folders, "
+                f"{p.get('files_seen', 0)} files" + (f"; {left}" if left else ""))
 
     @admin.display(description="preview")
     def tag_preview(self, obj):
@@ -78,7 +87,11 @@ class LibraryAdmin(admin.ModelAdmin):
 
     @admin.display(description="current scan")
     def scan_progress(self, obj):
-        return json_block(scan.progress(obj)) if obj.pk else "—"
+        if not obj.pk:
+            return "—"
+        p = scan.progress(obj)
+        left = eta.scan_text(p)
+        return format_html("<p>{}</p>{}", left, json_block(p)) if left else json_block(p)
 
     @admin.display(description="tracks per value")
     def distribution(self, obj):

@@ -20,5 +20,5 @@ def preview_page(request, library_id: int):
         "library": library,
         "rows": preview(library, sample),
         "policies": standard.POLICIES,
-        "fields": standard.FIELDS,
+        "fields": standard.CATEGORY_FIELDS,
     })

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import av
 import numpy as np
 
+from workers.audio.frames import average_channels, float_format, native_samples
 from workers.audio.diagnose import (
     AUDIO_SIGNATURES,
     DecodeError,
@@ -204,7 +205,11 @@ class StreamDecoder:
     """
 
     def __init__(self, path: str | os.PathLike, target_sr: int = TARGET_SR,
-                 chunk_seconds: float = 30.0, max_seconds: float | None = None):
+                 chunk_seconds: float = 30.0, max_seconds: float | None = None, native_sink=None):
+        """``native_sink(samples, rate)``, when given, hears every decoded frame as it is, before
+        resampling: float32 ``(frames, channels)`` at the file's own rate (loudness and peaks
+        must be measured there, not on the mono analysis signal), from the same demux."""
+        self.native_sink = native_sink
         self.path = native(path)
         self.target_sr = int(target_sr)
         self.chunk_size = max(1, int(round(chunk_seconds * target_sr)))
@@ -261,7 +266,7 @@ class StreamDecoder:
             yield from self._resample(frame)
         if self._resampler is not None:
             for out in self._resampler.resample(None):
-                yield _average_channels(out)
+                yield average_channels(out)
 
     def _frames(self):
         """Decoded frames of the audio stream, skipping undecodable packets."""
@@ -276,6 +281,8 @@ class StreamDecoder:
                     continue
                 for frame in frames:
                     self._account(frame)
+                    if self.native_sink is not None:
+                        self.native_sink(native_samples(frame), frame.sample_rate)
                     yield frame
         except OSError as exc:
             raise os_error(exc) from None
@@ -312,14 +319,14 @@ class StreamDecoder:
         if key != self._resampler_key:
             if self._resampler is not None:
                 for out in self._resampler.resample(None):
-                    yield _average_channels(out)
+                    yield average_channels(out)
             self._resampler = av.AudioResampler(
-                format="fltp", layout=frame.layout.name, rate=self.target_sr
+                format=float_format(frame), layout=frame.layout.name, rate=self.target_sr
             )
             self._resampler_key = key
         frame.pts = None  # we track time ourselves; gaps in pts must not insert silence
         for out in self._resampler.resample(frame):
-            yield _average_channels(out)
+            yield average_channels(out)
 
     def _check_result(self, emitted: int) -> None:
         """Refuse results that are mostly errors or end far too early."""
@@ -355,16 +362,8 @@ class StreamDecoder:
             raise DecodeError("truncated", reason)
 
 
-def _average_channels(frame) -> np.ndarray:
-    """Plain mean over channels of a fltp frame: musicnn's idea of mono."""
-    planes = frame.to_ndarray()
-    if planes.shape[0] == 1:
-        return planes[0].astype(np.float32, copy=True)
-    return planes.mean(axis=0, dtype=np.float32)
-
-
 def iter_decode(path: str | os.PathLike, target_sr: int = TARGET_SR,
-                chunk_seconds: float = 30.0, max_seconds: float | None = None):
+                chunk_seconds: float = 30.0, max_seconds: float | None = None, native_sink=None):
     """Yield mono float32 chunks of ``chunk_seconds`` at ``target_sr``.
 
     Memory stays at about one chunk plus one frame however long the file is.
@@ -372,7 +371,7 @@ def iter_decode(path: str | os.PathLike, target_sr: int = TARGET_SR,
     after the last chunk, so a caller that must not use a bad file's data
     should hold its results until the generator finishes.
     """
-    decoder = StreamDecoder(path, target_sr, chunk_seconds, max_seconds)
+    decoder = StreamDecoder(path, target_sr, chunk_seconds, max_seconds, native_sink)
     yield from decoder.chunks()
 
 

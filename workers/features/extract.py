@@ -13,6 +13,7 @@ Imports numpy and scipy only.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -121,6 +122,52 @@ class FeatureAnalyzer:
             key=ke.name, key_short=ke.short, key_camelot=ke.camelot, key_open=ke.open_key,
             key_confidence=ke.confidence, tuning_cents=ke.tuning_cents,
             album_data=lo.histogram, reasons=reasons)
+
+
+class StreamMeasure:
+    """A decoder's native-rate sink (``measure(samples, rate)``) that never breaks the decode it rides on.
+
+    The analyzer starts at the first frame's rate and channel count. A stream
+    that changes either mid-way, or anything the analyzer raises, ends the
+    measurement with a reason: the tags of the networks still get written.
+    ``seconds`` is the time spent here, for the tagger's timings.
+    """
+
+    def __init__(self):
+        self.analyzer: FeatureAnalyzer | None = None
+        self.format: tuple[int, int] | None = None
+        self.failure = ""
+        self.seconds = 0.0
+
+    def __call__(self, samples: np.ndarray, rate: int) -> None:
+        if self.failure:
+            return
+        started = time.perf_counter()
+        try:
+            here = (int(rate), samples.shape[1])
+            if self.analyzer is None:
+                self.analyzer, self.format = FeatureAnalyzer(*here), here
+            elif here != self.format:
+                self.failure = (f"not measurable: the stream changes from {self.format[0]} Hz, {self.format[1]} "
+                                f"channels to {here[0]} Hz, {here[1]} channels mid-way")
+                return
+            self.analyzer.add(samples)
+        except Exception as exc:  # noqa: BLE001 - a measurement error is a reason, not a failed tag job
+            self.failure = f"not measurable: {type(exc).__name__}: {exc}"
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def result(self, complete: bool = True) -> dict:
+        """``Features.to_json()``; or ``{"version", "reasons": {"all": why}}`` when nothing could be measured."""
+        why = self.failure or ("" if complete else "not measurable: only part of the file was decoded")
+        if not why and self.analyzer is None:
+            why = "not measurable: no audio was decoded"
+        if not why:
+            try:
+                return self.analyzer.result().to_json()
+            except Exception as exc:  # noqa: BLE001 - as in __call__
+                why = f"not measurable: {type(exc).__name__}: {exc}"
+        return {"version": FEATURES_VERSION, "reasons": {"all": why}}
 
 
 def analyze(native: np.ndarray, rate: int, chunk_frames: int = 1 << 16) -> Features:

@@ -38,8 +38,8 @@ def checked(track: Track | None) -> Track:
         raise PermanentError(f"{track.path} is outside the library root {track.library.root}; not read")
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        Track.objects.filter(id=track.id).update(state=Track.State.MISSING)
+    except FileNotFoundError:  # unless a scan found it moved meanwhile (``workers.library.moves``)
+        Track.objects.filter(id=track.id, path=track.path).update(state=Track.State.MISSING)
         track.state = Track.State.MISSING
         return track
     if (st.st_size, st.st_mtime_ns) != (track.size, track.mtime_ns):

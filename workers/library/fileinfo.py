@@ -40,6 +40,23 @@ class FileInfo:
         return str(values[0])[:500]
 
 
+def identity(st: os.stat_result) -> dict:
+    """The file's ``device`` and ``inode`` as the track row stores them (see ``db_int``)."""
+    return {"device": db_int(st.st_dev), "inode": db_int(st.st_ino)}
+
+
+def db_int(value: int | None) -> int | None:
+    """An unsigned 64-bit ``st_dev``/``st_ino`` as the signed 64-bit integer a database column holds.
+
+    Both are 64-bit unsigned in the kernel, and some filesystems use the top
+    bit (overlayfs' xino, NFS file ids, a large device major); the same value
+    always maps to the same integer, which is all matching needs.
+    """
+    if value is None:
+        return None
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
 def read(path: bytes) -> FileInfo:
     """Read one file's stream facts and tags; raises ``BadFile``."""
     try:

@@ -24,7 +24,7 @@ from django.utils import timezone
 from workers.audio.formats import format_for_path
 from workers.jobs import queue
 from workers.jobs.runtime import PermanentError
-from workers.library import fileinfo, paths, track_rows
+from workers.library import fileinfo, moves, paths, track_rows
 from workers.library.scan import progress_for, resolved_root
 from workers.models import Job, Library, Track
 from workers.tagfiles.tempfiles import TEMP_PREFIX_BYTES, remove_stale_temp_files
@@ -46,11 +46,13 @@ class FolderResult:
     changed: int = 0
     failed: int = 0
     missing: int = 0
+    moved: int = 0  # new paths that are known tracks' files, moved or renamed (``workers.library.moves``)
     subfolders: list[bytes] = field(default_factory=list)
     error: str = ""
 
     def counts(self) -> dict:
-        return {k: getattr(self, k) for k in ("files_seen", "files_read", "new", "changed", "failed", "missing")}
+        return {k: getattr(self, k)
+                for k in ("files_seen", "files_read", "new", "changed", "failed", "missing", "moved")}
 
 
 @dataclass
@@ -63,6 +65,8 @@ class KnownTrack:
     state: str
     model_version: str
     has_tag_job: bool = False  # an active tag job exists (queued or running)
+    device: int | None = None
+    inode: int | None = None
 
 
 @dataclass
@@ -92,6 +96,8 @@ class FolderWrites:
     create: list[NewTrack] = field(default_factory=list)
     update: list[tuple[int, dict]] = field(default_factory=list)  # (track id, fields)
     tag: list = field(default_factory=list)  # tracks that need a tag job (created ones get ids on write)
+    moved: list = field(default_factory=list)  # ``moves.Move``: new paths that are known tracks, moved
+    identity: list = field(default_factory=list)  # (track id, device, inode) of unchanged files with a new identity
     unlisted: bool = False  # the folder could not be listed: keep everything known under it
 
 
@@ -150,11 +156,13 @@ def read_folder(library: Library, folder: bytes, gen: int, full: bool, progress=
     with connection.cursor() as cur:  # raw: once per folder, and the ORM's query building cost more than the query
         cur.execute(f"SELECT t.id, t.library_id, t.path, t.size, t.mtime_ns, t.state, t.model_version, "
                     f"EXISTS (SELECT 1 FROM {JOB} j WHERE j.queue = 'tag' AND j.key = 'tag:' || t.id "
-                    f"AND j.state IN ('queued', 'running')) FROM {TRACK} t WHERE t.folder = %s", [folder_text])
+                    f"AND j.state IN ('queued', 'running')), t.device, t.inode "
+                    f"FROM {TRACK} t WHERE t.folder = %s", [folder_text])
         rows = cur.fetchall()
-    known = writes.known = {path: KnownTrack(track_id, size, mtime_ns, state, model_version, bool(has_job))
-                            for track_id, lib_id, path, size, mtime_ns, state, model_version, has_job in rows
-                            if lib_id == library.id}
+    known = writes.known = {path: KnownTrack(track_id, size, mtime_ns, state, model_version, bool(has_job),
+                                             device, inode)
+                            for track_id, lib_id, path, size, mtime_ns, state, model_version, has_job, device, inode
+                            in rows if lib_id == library.id}
     if model_version is _UNSET:
         model_version = current_model_version()
     for i, (entry, kind) in enumerate(files):
@@ -165,8 +173,25 @@ def read_folder(library: Library, folder: bytes, gen: int, full: bool, progress=
             writes.tag.append(track)
         if progress and i % 50 == 0:
             progress(i / max(1, len(files)), folder_text)
+    if writes.create:
+        _find_moves(writes, result, model_version)
     result.files_seen = len(writes.seen)
     return result, writes
+
+
+def _find_moves(writes: FolderWrites, result: FolderResult, model_version) -> None:
+    """Take the new paths that are known tracks' files (``moves.find``) out of the inserts: they are moves."""
+    found = moves.find(writes.create)
+    if not found:
+        return
+    taken = {id(move.new) for move in found}
+    writes.create = [t for t in writes.create if id(t) not in taken]
+    writes.tag = [t for t in writes.tag if id(t) not in taken]
+    for move in found:
+        move.needs_tag = _needs_tagging(move, model_version) and not move.has_tag_job
+    writes.moved = found
+    result.new -= len(found)
+    result.moved += len(found)
 
 
 def write_folder(library: Library, writes: FolderWrites, gen: int, result: FolderResult,
@@ -181,12 +206,19 @@ def write_folder(library: Library, writes: FolderWrites, gen: int, result: Folde
         Track.objects.filter(library=library, folder__startswith=writes.folder_text, scan_gen__lt=gen).update(
             scan_gen=gen)
         return [], []
+    lost = [move.new for move in moves.write(writes.moved, library.id, gen)]  # inserted as new tracks instead
     track_rows.insert_tracks(writes.create, prepared_insert)
+    track_rows.insert_tracks(lost)
+    result.new, result.moved = result.new + len(lost), result.moved - len(lost)
     for track_id, fields in writes.update:
         track_rows.update_track(track_id, fields)
+    track_rows.set_identity(writes.identity)
     seen = set(writes.seen)
-    result.missing = track_rows.mark_missing([t.id for p, t in writes.known.items() if p not in seen], gen)
-    return [t.id for p, t in writes.known.items() if p in seen], writes.tag
+    result.missing = track_rows.mark_missing([t.id for p, t in writes.known.items() if p not in seen], gen,
+                                             library.id)
+    lost_ids = {id(t) for t in lost}
+    tag = writes.tag + lost + [m for m in writes.moved if m.needs_tag and id(m.new) not in lost_ids]
+    return [t.id for p, t in writes.known.items() if p in seen], tag
 
 
 def finish_writes(library: Library, seen_ids: list[int], tag: list, gen: int) -> None:
@@ -260,8 +292,9 @@ def rescan_track(track: Track) -> Track | None:
     path = paths.to_bytes(track.path)
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        Track.objects.filter(id=track.id).update(state=Track.State.MISSING, updated_at=timezone.now())
+    except FileNotFoundError:  # unless a scan found it moved meanwhile (``workers.library.moves``)
+        Track.objects.filter(id=track.id, path=track.path).update(state=Track.State.MISSING,
+                                                                  updated_at=timezone.now())
         return None
     except OSError:
         mode = 0
@@ -309,6 +342,9 @@ def _scan_file(library, path: bytes, text: str, kind, track, folder_text, gen, f
                                "the file vanished while it was being scanned", result, writes)
     unchanged = track is not None and track.size == st.st_size and track.mtime_ns == st.st_mtime_ns
     if unchanged and not full and track.state != Track.State.MISSING:
+        ident = fileinfo.identity(st)
+        if (track.device, track.inode) != (ident["device"], ident["inode"]):  # stored before Earmark kept it
+            writes.identity.append((track.id, ident["device"], ident["inode"]))
         return track if track.state in (Track.State.SCANNED, Track.State.TAGGED) else None
     result.files_read += 1
     try:
@@ -320,7 +356,7 @@ def _scan_file(library, path: bytes, text: str, kind, track, folder_text, gen, f
         folder=folder_text, size=st.st_size, mtime_ns=st.st_mtime_ns, format=info.format, codec=info.codec,
         duration=info.duration, sample_rate=info.sample_rate, channels=info.channels, bitrate=info.bitrate,
         artist=info.tag("artist"), album=info.tag("album"), title=info.tag("title"), tags=info.tags,
-        state=Track.State.SCANNED, error="", scan_gen=gen, scanned_at=now,
+        state=Track.State.SCANNED, error="", scan_gen=gen, scanned_at=now, **fileinfo.identity(st),
     )
     if track is None:
         result.new += 1
@@ -329,7 +365,7 @@ def _scan_file(library, path: bytes, text: str, kind, track, folder_text, gen, f
         return track
     if not unchanged:
         result.changed += 1
-        fields.update(model_version="", calibration_version="")
+        fields.update(model_version="", calibration_version="", audio_fingerprint="")  # the audio may differ
     elif track.state == Track.State.TAGGED:
         fields["state"] = Track.State.TAGGED  # a full scan re-reads the file; its tags are still good
     for k, v in fields.items():
@@ -341,7 +377,8 @@ def _scan_file(library, path: bytes, text: str, kind, track, folder_text, gen, f
 def _record_failure(library, track, text, folder_text, gen, st, error, result, writes: FolderWrites) -> None:
     result.failed += 1
     fields = dict(folder=folder_text, state=Track.State.FAILED, error=error, scan_gen=gen, scanned_at=timezone.now(),
-                  size=st.st_size if st else None, mtime_ns=st.st_mtime_ns if st else None)
+                  size=st.st_size if st else None, mtime_ns=st.st_mtime_ns if st else None,
+                  **(fileinfo.identity(st) if st else {"device": None, "inode": None}))
     if track is None:
         writes.create.append(NewTrack({"library_id": library.id, "path": text, **fields}))
     else:

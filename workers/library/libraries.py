@@ -8,6 +8,7 @@ from django.db import transaction
 from django.db.models import Count, Q
 
 from workers.models import Job, Library, Meta, Track
+from workers.tagfiles import standard
 
 
 def validate_root(path: str) -> str:
@@ -20,6 +21,23 @@ def validate_root(path: str) -> str:
     return real
 
 
+def validate_standard_limits(value) -> dict[str, int]:
+    """``{"genre": 2, "mood": 1}``: a standard field (genre, mood) → how many values go in (0 leaves it out).
+
+    Checked where a person sets them (``library set``, the admin's form), so
+    junk is refused there and never reaches a tag job.
+    """
+    fields = ", ".join(standard.CATEGORY_FIELDS)
+    if not isinstance(value, dict):
+        raise ValidationError(f'standard limits are an object like {{"genre": 2, "mood": 2}}, not {value!r}')
+    for name, n in value.items():
+        if name not in standard.CATEGORY_FIELDS:
+            raise ValidationError(f"{name!r} has no standard field; the standard fields are {fields}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValidationError(f"the limit for {name} must be a whole number of values, 0 or more (not {n!r})")
+    return dict(value)
+
+
 def add_library(name: str, path: str, write_mode: str = Library.WriteMode.MINIMAL,
                 standard_tags: str = Library.StandardTags.FILL_EMPTY) -> Library:
     root = validate_root(path)
@@ -30,7 +48,8 @@ def add_library(name: str, path: str, write_mode: str = Library.WriteMode.MINIMA
 
 
 def update_library(library: Library, write_mode: str | None = None, standard_tags: str | None = None,
-                   limits: dict | None = None, id3v23_separator: str | None = None) -> dict:
+                   limits: dict | None = None, id3v23_separator: str | None = None,
+                   analysis: str | None = None) -> dict:
     """Change a library's tag settings; returns what changed. Files change at their next tagging."""
     _check_choices(write_mode or library.write_mode, standard_tags or library.standard_tags)
     changed = {}
@@ -39,14 +58,17 @@ def update_library(library: Library, write_mode: str | None = None, standard_tag
     if standard_tags:
         changed["standard_tags"] = standard_tags
     if limits:
-        unknown = set(limits) - {"genre", "mood"}
-        if unknown or any(n < 0 for n in limits.values()):
-            raise ValidationError("standard limits are genre=N and mood=N with N >= 0")
-        changed["standard_limits"] = {**(library.standard_limits or {}), **limits}
+        current = library.standard_limits if isinstance(library.standard_limits, dict) else {}
+        current = {k: v for k, v in current.items() if k in standard.CATEGORY_FIELDS}  # keys saved before they were checked
+        changed["standard_limits"] = validate_standard_limits({**current, **limits})
     if id3v23_separator is not None:
         if not id3v23_separator or "\x00" in id3v23_separator:
             raise ValidationError("the ID3v2.3 separator must be a non-empty string without NUL")
         changed["id3v23_separator"] = id3v23_separator
+    if analysis:
+        if analysis not in Library.Analysis.values:
+            raise ValidationError(f"analysis must be one of {', '.join(Library.Analysis.values)}")
+        changed["analysis"] = analysis  # fast: stop scoring a file once its tags are settled; full: every patch
     for key, value in changed.items():
         setattr(library, key, value)
     if changed:

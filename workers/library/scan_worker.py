@@ -1,4 +1,4 @@
-"""The scanner's worker: each job is a library, folder or finalize step of a scan.
+"""The scanner's worker: each job is a library, folder or finalize step of a scan, or a targeted folder job.
 
 A folder job reads top to bottom in ``process_folder``: list and read its
 folders (``folders.read_folder``), then one transaction writes what they
@@ -13,7 +13,7 @@ from django.db import transaction
 from workers.jobs import queue
 from workers.jobs.queue import ClaimedJob
 from workers.jobs.runtime import Context, PermanentError, Worker
-from workers.library import folders, paths, scan, track_rows
+from workers.library import folders, paths, scan, targeted, track_rows
 from workers.models import Library
 from workers.tagging.manifest import current_model_version
 
@@ -49,6 +49,8 @@ def process_job(payload: dict, library_id: int, progress=None) -> dict:
         return scan.finalize(library, payload["gen"])
     if kind == "folder":
         return process_folder(library, payload, progress)
+    if kind == targeted.KIND:  # folders named by a hook or the watcher (``workers.library.enqueue``)
+        return targeted.process(library, payload, progress)
     raise PermanentError(f"unknown scan job kind {kind!r}")
 
 

@@ -114,10 +114,25 @@ def update_track(track_id: int, fields: dict) -> int:
     return Track.objects.filter(id=track_id).update(**fields)
 
 
-def mark_missing(track_ids: list[int], gen: int) -> int:
-    """Known tracks of a folder that this scan did not see (and nothing stamped since) are missing."""
+def set_identity(rows: list[tuple[int, int | None, int | None]]) -> None:
+    """Write the ``(track id, device, inode)`` of known files whose identity changed (or was never stored)."""
+    if rows:
+        with connection.cursor() as cur:
+            cur.executemany(f"UPDATE {TRACK} SET device = %s, inode = %s WHERE id = %s",
+                            [(device, inode, track_id) for track_id, device, inode in rows])
+
+
+def mark_missing(track_ids: list[int], gen: int, library_id: int | None = None) -> int:
+    """Known tracks of a folder that this scan did not see (and nothing stamped since) are missing.
+
+    With ``library_id``, only while the track is still in that library: one
+    moved to another library meanwhile (``workers.library.moves``) carries
+    that library's generation, which says nothing about this scan.
+    """
     missing = 0  # rare (files removed): the ORM is fine here
+    rows = Track.objects.filter(scan_gen__lt=gen) if library_id is None else \
+        Track.objects.filter(scan_gen__lt=gen, library_id=library_id)
     for start in range(0, len(track_ids), 900):
-        missing += Track.objects.filter(id__in=track_ids[start : start + 900], scan_gen__lt=gen).exclude(
+        missing += rows.filter(id__in=track_ids[start : start + 900]).exclude(
             state=Track.State.MISSING).update(state=Track.State.MISSING, updated_at=timezone.now())
     return missing

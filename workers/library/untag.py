@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from django.db import transaction
 
 from workers.audio.formats import format_for_path
-from workers.library import paths
+from workers.library import fileinfo, paths
 from workers.models import Library, Track, TrackTag
 from workers.tagfiles import namespace, standard
 from workers.tagfiles.errors import TagWriteError
@@ -108,4 +108,5 @@ def _forget(library: Library, path: bytes, result) -> None:
         rows = Track.objects.filter(library=library, path=paths.to_text(path))
         TrackTag.objects.filter(track__in=rows).delete()
         rows.update(earmark_tags={}, genre_low_confidence=False, size=result.size, mtime_ns=result.mtime_ns,
+                    device=fileinfo.db_int(result.device), inode=fileinfo.db_int(result.inode),
                     state=Track.State.SCANNED, tagged_at=None)

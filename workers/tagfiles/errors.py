@@ -81,7 +81,9 @@ class WriteResult:
     ``verify_method`` is ``bytes`` or ``packets``. ``owner_preserved`` is
     False when the process could not give the new file the original's owner
     and group (it then belongs to the worker's user). ``timings`` are
-    seconds per stage, for benchmarks and the admin.
+    seconds per stage, for benchmarks and the admin. ``device`` and
+    ``inode`` are the file's now (a write gives it a new inode);
+    ``audio_fingerprint`` is set when the caller asked for it.
     """
 
     path: str
@@ -92,3 +94,6 @@ class WriteResult:
     verify_method: str | None = None
     owner_preserved: bool = True
     timings: dict[str, float] = field(default_factory=dict)
+    device: int | None = None
+    inode: int | None = None
+    audio_fingerprint: str = ""

@@ -19,14 +19,15 @@ from mutagen.oggopus import OggOpus
 from mutagen.oggvorbis import OggVorbis
 from mutagen.wave import WAVE
 
-
-
-
 NAMESPACE = "earmark"
 ID3_PREFIX = "earmark:"
 MP4_PREFIX = "----:com.apple.iTunes:earmark:"
 VORBIS_PREFIX = "EARMARK_"
 MP4_MOOD = "----:com.apple.iTunes:MOOD"  # Picard's mood atom
+MP4_FREEFORM = "----:com.apple.iTunes:"
+# ReplayGain 2.0 as rsgain writes it: ID3 TXXX, lower-case MP4 freeform atoms, FLAC/Vorbis comments; Opus has R128_*.
+REPLAYGAIN = ("replaygain_track_gain", "replaygain_track_peak", "replaygain_album_gain", "replaygain_album_peak")
+R128 = ("r128_track_gain", "r128_album_gain")
 
 _KEY = re.compile(r"^[a-z0-9_]+$")
 
@@ -61,9 +62,17 @@ class FileTags:
     def replace_earmark(self, fields: Fields) -> None:
         raise NotImplementedError
 
-    # The standard fields (``workers.tagfiles.standard``): genre and mood where players look.
-    #: ``user()`` keys of the standard fields, for comparisons that leave them out.
+    # The standard fields (``workers.tagfiles.standard``): genre, mood, BPM, key, ReplayGain.
+    #: ``user()`` keys of the standard fields (upper case), for comparisons that leave them out.
     STANDARD_KEYS: frozenset[str] = frozenset()
+
+    def is_standard_key(self, key: str) -> bool:
+        """Whether a ``user()`` key is one of the standard fields (their case varies between taggers)."""
+        return key.upper() in self.STANDARD_KEYS
+
+    def supports(self, name: str) -> bool:
+        """Whether this family has the field (only Opus has R128 gains, and it has no REPLAYGAIN_*)."""
+        return name not in R128
 
     def standard_raw(self, name: str) -> Raw | None:
         """The field as stored (``{"text": [...], "encoding": …}``), None when the file has none."""
@@ -174,31 +183,39 @@ class _Id3Tags(FileTags):
         for key, values in fields.items():
             self.tags.add(TXXX(encoding=self._encoding(values), desc=ID3_PREFIX + key, text=values))
 
-    STANDARD_KEYS = frozenset({"TCON", "TMOO", "TXXX:MOOD"})
+    STANDARD_KEYS = frozenset({"TCON", "TMOO", "TXXX:MOOD", "TBPM", "TKEY",
+                               *(f"TXXX:{name.upper()}" for name in REPLAYGAIN)})
 
     def _standard_key(self, name: str) -> str:
-        """TCON for genre; TMOO for mood in v2.4, ``TXXX:MOOD`` in v2.3 (which has no TMOO), as Picard maps them."""
-        if name == "genre":
-            return "TCON"
-        return "TXXX:MOOD" if self.save_version == 3 else "TMOO"
+        """TCON, TBPM, TKEY, ``TXXX:REPLAYGAIN_*``; TMOO in v2.4, ``TXXX:MOOD`` in v2.3 (no TMOO), as Picard has it."""
+        if name == "mood":
+            return "TXXX:MOOD" if self.save_version == 3 else "TMOO"
+        return {"genre": "TCON", "bpm": "TBPM", "key": "TKEY"}.get(name) or f"TXXX:{name.upper()}"
+
+    def _frames(self, key: str) -> list:
+        """The frames of a standard field; a TXXX's description in any case (foobar2000 writes lower case)."""
+        if not key.startswith("TXXX:"):
+            return self.tags.getall(key)
+        return [f for f in self.tags.getall("TXXX") if f.desc.upper() == key[5:]]
 
     def standard_raw(self, name: str) -> Raw | None:
-        frame = self.tags.get(self._standard_key(name))
-        if frame is None:
+        frames = self._frames(self._standard_key(name))
+        if not frames:
             return None
-        return {"text": [str(t) for t in frame.text], "encoding": int(frame.encoding)}
+        return {"text": [str(t) for t in frames[0].text], "encoding": int(frames[0].encoding)}
 
     def set_standard_raw(self, name: str, raw: Raw | None) -> None:
         key = self._standard_key(name)
-        self.tags.delall(key)
+        for frame in self._frames(key):
+            del self.tags[frame.HashKey]
         if raw is None:
             return
         values = list(raw["text"])
         encoding = Encoding(raw["encoding"]) if raw.get("encoding") is not None else self._encoding(values)
         if self.save_version == 3 and encoding == Encoding.UTF8:  # v2.3 has no UTF-8
             encoding = Encoding.UTF16
-        if key == "TXXX:MOOD":
-            self.tags.add(TXXX(encoding=encoding, desc="MOOD", text=values))
+        if key.startswith("TXXX:"):
+            self.tags.add(TXXX(encoding=encoding, desc=key[5:], text=values))
         else:
             self.tags.add(Frames[key](encoding=encoding, text=values))
 
@@ -294,21 +311,30 @@ class _Mp4Tags(FileTags):
                 MP4FreeForm(v.encode("utf-8"), dataformat=AtomDataType.UTF8) for v in values
             ]
 
-    STANDARD_KEYS = frozenset({"\xa9gen", MP4_MOOD})
+    _KEYS = {"genre": "\xa9gen", "mood": MP4_MOOD, "bpm": "tmpo", "key": MP4_FREEFORM + "initialkey",
+             **{name: MP4_FREEFORM + name for name in REPLAYGAIN}}
+    STANDARD_KEYS = frozenset(key.upper() for key in _KEYS.values())
+
+    def _present(self, name: str) -> list[str]:
+        """The atoms holding a field: freeform names match in any case (taggers differ)."""
+        want = self._KEYS[name].upper()
+        return [k for k in self.tags if k.upper() == want]
 
     def standard_raw(self, name: str) -> Raw | None:
-        key = "\xa9gen" if name == "genre" else MP4_MOOD
-        if key not in self.tags:
+        present = self._present(name)
+        if not present:
             return None
-        return {"text": [_mp4_text(v) for v in _as_list(self.tags[key])], "encoding": None}
+        return {"text": [_mp4_text(v) for v in _as_list(self.tags[present[0]])], "encoding": None}
 
     def set_standard_raw(self, name: str, raw: Raw | None) -> None:
-        key = "\xa9gen" if name == "genre" else MP4_MOOD
-        if raw is None:
-            self.tags.pop(key, None)
-        elif name == "genre":
+        for key in self._present(name):
+            del self.tags[key]
+        key = self._KEYS[name]
+        if raw is not None and name == "genre":
             self.tags[key] = list(raw["text"])
-        else:
+        elif raw is not None and name == "bpm":  # an integer atom, as iTunes and Picard write it
+            self.tags[key] = [int(round(float(t))) for t in raw["text"]]
+        elif raw is not None:
             self.tags[key] = [MP4FreeForm(v.encode("utf-8"), dataformat=AtomDataType.UTF8) for v in raw["text"]]
 
     def _save(self) -> None:
@@ -370,7 +396,13 @@ class _VorbisTags(FileTags):
                     f"the Vorbis comment {key!r} is not valid UTF-8; rewriting it would change it"
                 )
 
-    STANDARD_KEYS = frozenset({"GENRE", "MOOD"})
+    STANDARD_KEYS = frozenset({"GENRE", "MOOD", "BPM", "KEY", *(n.upper() for n in REPLAYGAIN + R128)})
+
+    def supports(self, name: str) -> bool:
+        """Opus carries R128 gains instead of REPLAYGAIN_* (RFC 7845); FLAC and Vorbis the reverse."""
+        if name in R128 or name in REPLAYGAIN:
+            return (name in R128) == (self.fmt == "opus")
+        return True
 
     def standard_raw(self, name: str) -> Raw | None:
         values = [v for k, v in self.tags if k.upper() == name.upper()]

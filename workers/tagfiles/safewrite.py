@@ -63,6 +63,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 
+from workers.audio.fingerprint import audio_fingerprint
 from workers.audio.formats import format_for_path
 from workers.tagfiles import identity, namespace as tagfile, standard as standard_fields
 from workers.tagfiles.errors import REASONS, FileChangedError, SafeWriteError, TagWriteError, WriteResult
@@ -81,6 +82,7 @@ def safe_write_tags(
     expected_size: int | None = None,
     expected_mtime_ns: int | None = None,
     standard: "standard_fields.Request | None" = None,
+    fingerprint: bool = False,
     *,
     fmt: str | None = None,
 ) -> WriteResult:
@@ -93,6 +95,9 @@ def safe_write_tags(
     to what the extension says. ``standard`` puts genre and mood in the
     standard fields by its policy (``workers.tagfiles.standard``); without it
     they are left as they are, and so is the record of what Earmark put there.
+    ``fingerprint`` adds the audio stream's fingerprint of the file now at the
+    path to the result (``workers.audio.fingerprint``: tens of ms, so the tag
+    writes ask for it only while the track has none: once per file).
     """
     path = os.fsdecode(path)
     fmt = fmt or format_for_path(path)
@@ -107,12 +112,14 @@ def safe_write_tags(
                    else standard_fields.Plan({}, standard_fields.read_record(original) or None))
         wanted = {**wanted, **planned.record_fields()}
         if original.earmark() == wanted and not planned.changes:
-            return WriteResult(path, False, before.st_size, before.st_mtime_ns, timings=timings)
+            return WriteResult(path, False, before.st_size, before.st_mtime_ns, timings=timings,
+                               device=before.st_dev, inode=before.st_ino,
+                               audio_fingerprint=audio_fingerprint(path) if fingerprint else "")
         identity.refuse_hard_links(before)
         original.check_rewritable()
         user_before = original.user()
         standard_after = {name: planned.changes.get(name, original.standard_raw(name))
-                          for name in standard_fields.FIELDS}
+                          for name in standard_fields.fields_of(original)}
 
     directory, name = os.path.split(path)
     fd, tmp = _make_temp(directory, name)
@@ -142,7 +149,8 @@ def safe_write_tags(
 
     after = os.stat(path)
     return WriteResult(path, True, after.st_size, after.st_mtime_ns, copy_method,
-                       verify_method, owner_kept, timings)
+                       verify_method, owner_kept, timings, device=after.st_dev, inode=after.st_ino,
+                       audio_fingerprint=audio_fingerprint(path) if fingerprint else "")
 
 
 @contextmanager
@@ -245,8 +253,8 @@ def _verify_tags(tmp: str, fmt: str | None, wanted: tagfile.Fields, user_before:
     written = tagfile.open_tags(tmp, fmt)
     if written.earmark() != wanted:
         raise TagWriteError("verification failed: the written tags do not read back", stage="verify")
-    others = {k: v for k, v in written.user().items() if k not in written.STANDARD_KEYS}
-    if others != {k: v for k, v in user_before.items() if k not in written.STANDARD_KEYS}:
+    others = {k: v for k, v in written.user().items() if not written.is_standard_key(k)}
+    if others != {k: v for k, v in user_before.items() if not written.is_standard_key(k)}:
         raise TagWriteError("verification failed: the user's own tags would change", stage="verify")
     for name, raw in standard_after.items():
         if (written.standard_raw(name) or {}).get("text") != (raw or {}).get("text"):

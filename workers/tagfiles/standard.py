@@ -3,12 +3,20 @@
 Navidrome, Jellyfin, Plex, Picard and beets read genre and mood from the
 standard fields, which Picard maps per tag family:
 
-=========  ==============================  ==========================================
-field      ID3v2.4 (v2.3)                  Vorbis comment / MP4
-=========  ==============================  ==========================================
-genre      ``TCON``                        ``GENRE`` / ``©gen``
-mood       ``TMOO`` (``TXXX:MOOD``)        ``MOOD`` / ``----:com.apple.iTunes:MOOD``
-=========  ==============================  ==========================================
+==================  ==============================  ==========================================
+field               ID3v2.4 (v2.3)                  Vorbis comment / MP4
+==================  ==============================  ==========================================
+genre               ``TCON``                        ``GENRE`` / ``©gen``
+mood                ``TMOO`` (``TXXX:MOOD``)        ``MOOD`` / ``----:com.apple.iTunes:MOOD``
+bpm                 ``TBPM``                        ``BPM`` / ``tmpo`` (an integer)
+key                 ``TKEY``                        ``KEY`` / ``----:com.apple.iTunes:initialkey``
+replaygain_*        ``TXXX:REPLAYGAIN_*``           ``REPLAYGAIN_*`` / ``----:com.apple.iTunes:replaygain_*``
+r128_*              (none)                          ``R128_TRACK_GAIN``, ``R128_ALBUM_GAIN`` (Opus only)
+==================  ==============================  ==========================================
+
+The fields after genre and mood hold one value each, so ``append`` fills
+them only where they are empty; and a gain goes with its peak: where the
+user has either of a track's (or album's) pair, Earmark writes neither.
 
 What goes there is the library's *policy*: ``off`` (nothing), ``fill-empty``
 (only where the file has no value of its own), ``append`` (after the user's
@@ -34,7 +42,11 @@ from dataclasses import dataclass, field
 
 from workers.tagfiles.families import FileTags, Raw
 
-FIELDS = ("genre", "mood")
+CATEGORY_FIELDS = ("genre", "mood")  # lists of the networks' values, capped by the library's limits
+FEATURE_FIELDS = ("bpm", "key", "replaygain_track_gain", "replaygain_track_peak", "replaygain_album_gain",
+                  "replaygain_album_peak", "r128_track_gain", "r128_album_gain")  # one measured value each
+FIELDS = CATEGORY_FIELDS + FEATURE_FIELDS
+PAIRS = (("replaygain_track_gain", "replaygain_track_peak"), ("replaygain_album_gain", "replaygain_album_peak"))
 POLICIES = ("off", "fill-empty", "append", "replace")
 DEFAULT_POLICY = "fill-empty"
 DEFAULT_LIMITS = {"genre": 2, "mood": 2}
@@ -82,10 +94,16 @@ def read_record(tags: FileTags) -> dict:
     return record if isinstance(record, dict) else {}
 
 
+def fields_of(tags: FileTags) -> tuple[str, ...]:
+    """The standard fields this file's tag family has."""
+    return tuple(name for name in FIELDS if tags.supports(name))
+
+
 def plan(tags: FileTags, request: Request) -> Plan:
     """What ``request`` changes in the file's standard fields, from what the file holds now."""
     record, changes, new_record = read_record(tags), {}, {}
-    for name in FIELDS:
+    request = _paired(tags, record, request)
+    for name in fields_of(tags):
         entry = record.get(name) if isinstance(record.get(name), dict) else {}
         current = tags.standard_raw(name)
         raw, kept = _field(tags, name, current, entry, request)
@@ -101,17 +119,31 @@ def apply(tags: FileTags, planned: Plan) -> None:
         tags.set_standard_raw(name, raw)
 
 
-def user_values(tags: FileTags, name: str) -> list[str]:
+def user_values(tags: FileTags, name: str, record: dict | None = None) -> list[str]:
     """The user's own values in a field (Earmark's left out), as a player would list them."""
-    entry = read_record(tags).get(name) or {}
+    entry = (read_record(tags) if record is None else record).get(name) or {}
     return _user(tags, tags.standard_raw(name), entry, _separator(entry))
+
+
+def _paired(tags: FileTags, record: dict, request: Request) -> Request:
+    """The request without the gains whose pair the user filled in part (a gain without its peak, or
+    the other way round, is still the user's ReplayGain, and half of ours beside it would mix two)."""
+    if request.policy not in ("fill-empty", "append"):
+        return request
+    values = dict(request.values)
+    for pair in PAIRS:
+        if any(user_values(tags, name, record) for name in pair if tags.supports(name)):
+            for name in pair:
+                values.pop(name, None)
+    return Request(request.policy, values, request.separator)
 
 
 def _field(tags: FileTags, name: str, current: Raw | None, entry: dict, request: Request):
     """(the field to store, its record entry or None) for one field."""
     separator = entry.get("separator") or request.separator
     user = _user(tags, current, entry, separator)
-    ours = _ours(user, request.values.get(name) or [], request.policy)
+    policy = "fill-empty" if name in FEATURE_FIELDS and request.policy == "append" else request.policy
+    ours = _ours(user, request.values.get(name) or [], policy)
     if not ours:  # Earmark adds nothing: the field is the user's, as it was when we can tell
         if not entry:
             return current, None

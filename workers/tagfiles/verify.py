@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
+from workers.audio.frames import frame_array
 from workers.audio.formats import format_for_path
 from workers.tagfiles.errors import TagWriteError
 
@@ -98,7 +99,7 @@ def _read_head(path: str) -> _StreamHead:
             for i, packet in enumerate(container.demux(stream)):
                 if i >= HEAD_PACKETS:
                     break
-                frames.extend(frame.to_ndarray() for frame in packet.decode())
+                frames.extend(frame_array(frame) for frame in packet.decode())
             return _StreamHead(ctx.name, int(ctx.sample_rate or 0), int(ctx.channels or 0),
                                _declared_duration(container, stream), frames)
     except (av.error.FFmpegError, IndexError) as exc:

@@ -12,17 +12,18 @@ that changed since its scan is re-scanned, never overwritten).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from django.db import transaction
 from django.utils import timezone
 
 from workers.jobs.runtime import PermanentError
-from workers.library import folders, paths
+from workers.library import fileinfo, folders, paths
 from workers.models import Library, Track, TrackTag
 from workers.tagfiles.errors import FileChangedError, TagWriteError, WriteResult
 from workers.tagfiles.safewrite import safe_write_tags
 from workers.tagfiles import standard
+from workers.tagging import measures
 from workers.tagging.tagset import GENRE_FLOOR, UNCALIBRATED, TagSet, build_tags
 
 
@@ -41,14 +42,22 @@ class Written:
     model_version: str
     calibration_version: str
     seconds: float = 0.0  # spent in the safe writer
+    device: int | None = None  # the file's identity now (a write gives it a new inode), when known
+    inode: int | None = None
+    audio_fingerprint: str = ""  # when the write computed it (the track had none)
 
     def row(self) -> dict:
-        """The track fields that say these tags are in the file."""
+        """The track fields that say these tags are in the file (and the file's identity, for moves)."""
         now = timezone.now()
-        return dict(state=Track.State.TAGGED, error="", model_version=self.model_version,
-                    genre_low_confidence="genre" in self.tagset.low_confidence,
-                    calibration_version=self.calibration_version, earmark_tags=self.tagset.as_dict()["categories"],
-                    size=self.size, mtime_ns=self.mtime_ns, tagged_at=now, updated_at=now)
+        row = dict(state=Track.State.TAGGED, error="", model_version=self.model_version,
+                   genre_low_confidence="genre" in self.tagset.low_confidence,
+                   calibration_version=self.calibration_version, earmark_tags=self.tagset.as_dict()["categories"],
+                   size=self.size, mtime_ns=self.mtime_ns, tagged_at=now, updated_at=now)
+        if self.inode is not None:
+            row.update(device=fileinfo.db_int(self.device), inode=fileinfo.db_int(self.inode))
+        if self.audio_fingerprint:
+            row["audio_fingerprint"] = self.audio_fingerprint
+        return row
 
     def tag_rows(self, track_id: int) -> list[TrackTag]:
         """The track's ``TrackTag`` rows for these tags: every value of every category, with its strength."""
@@ -69,11 +78,17 @@ class TagWrite:
 
     @property
     def args(self) -> tuple | None:
-        """``safe_write_tags`` arguments (plain data: any process can run it); None for write mode ``none``."""
+        """``safe_write_tags`` arguments (plain data: any process can run it); None for write mode ``none``.
+
+        The audio fingerprint (which finds the track again after a move) is
+        asked for while the track has none: once per file, since no tag write
+        changes it, and a rescan that finds the file changed clears it.
+        """
         if self.track.library.write_mode == Library.WriteMode.NONE:
             return None
         return (paths.to_bytes(self.track.path), self.tagset, self.track.size, self.track.mtime_ns,
-                standard_request(self.track.library, self.tagset))
+                standard_request(self.track.library, self.tagset, measures.standard_values(self.track)),
+                not self.track.audio_fingerprint)
 
     def finish(self, result: WriteResult | None) -> Written:
         """The ``Written`` for ``safe_write_tags(*args)``'s result (None: nothing was to be written)."""
@@ -81,7 +96,8 @@ class TagWrite:
             return Written(self.tagset, False, self.track.size, self.track.mtime_ns, self.model_version,
                            self.calibration_version)
         return Written(self.tagset, result.changed, result.size, result.mtime_ns, self.model_version,
-                       self.calibration_version, sum(result.timings.values()))
+                       self.calibration_version, sum(result.timings.values()), result.device, result.inode,
+                       result.audio_fingerprint)
 
 
 def plan(track: Track, means: dict, spreads: dict, model_version: str, calibration=None) -> TagWrite:
@@ -91,6 +107,7 @@ def plan(track: Track, means: dict, spreads: dict, model_version: str, calibrati
     mode = "full" if library.write_mode == Library.WriteMode.FULL else "minimal"
     tagset = build_tags(means, spreads, calibration, mode, models=model_version,
                         genre_floor=GENRE_FLOOR if writes_genres(library) else None)
+    tagset = replace(tagset, measured=measures.namespace_fields(track))
     return TagWrite(track, tagset, model_version, calibration.version)
 
 
@@ -102,13 +119,15 @@ def writes_genres(library: Library) -> bool:
 def standard_limits(library: Library) -> dict[str, int]:
     """The library's categories for standard fields with their value limits (the defaults where unset)."""
     limits = library.standard_limits if isinstance(library.standard_limits, dict) else standard.DEFAULT_LIMITS
-    return {name: int(limits[name]) for name in standard.FIELDS if int(limits.get(name) or 0) > 0}
+    return {name: int(limits[name]) for name in standard.CATEGORY_FIELDS if int(limits.get(name) or 0) > 0}
 
 
-def standard_request(library: Library, tagset: TagSet) -> standard.Request:
-    """What the safe writer puts in the file's standard fields for these tags, by the library's policy."""
+def standard_request(library: Library, tagset: TagSet, measured: dict | None = None) -> standard.Request:
+    """What the safe writer puts in the file's standard fields for these tags (and the ``measured``
+    BPM, key and ReplayGain values: ``measures.standard_values``), by the library's policy."""
     limits = standard_limits(library)
     values = {name: list(tagset.categories.get(name) or [])[:limit] for name, limit in limits.items()}
+    values.update(measured or {})
     return standard.Request(library.standard_tags, values, library.id3v23_separator or standard.DEFAULT_SEPARATOR)
 
 

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from workers.audio.decode import TARGET_SR, DecodeError, iter_decode
-from workers.tagging import frontend, labels, loading
+from workers.features.extract import StreamMeasure
+from workers.tagging import converge, fast, frontend, labels, loading
 from workers.tagging.manifest import DEFAULT_MODELS
 
 HOP = frontend.HOP
@@ -50,6 +51,8 @@ class Analysis:
     patches: int
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    patches_total: int = 0  # the file's patches; a fast analysis scores ``patches`` of them (converge)
+    features: dict = field(default_factory=dict)  # tempo, key, loudness: ``workers.features`` JSON
 
     def mappings(self) -> tuple[dict[str, float], dict[str, float]]:
         """``({label: mean}, {label: spread})``, as ``build_tags`` takes them."""
@@ -100,12 +103,15 @@ class Analyzer:
             outs.append(torch.cat([net(batch) for net in self.nets], dim=1))
         return torch.cat(outs).float().cpu()
 
-    def analyze(self, path, max_seconds: float | None = None, progress=None) -> Analysis:
+    def analyze(self, path, max_seconds: float | None = None, progress=None, until=None) -> Analysis:
         """Score one file; raises ``DecodeError`` or ``TooShortError`` for files that cannot be tagged.
 
         ``progress(seconds)``, when given, hears how much audio is scored after
         each decoded chunk (a minute), so a long file's progress moves.
+        ``until``, a ``converge.StopRule``, makes it a fast analysis; None scores every patch.
         """
+        if until is not None:
+            return self._analyze_fast(path, max_seconds, progress, until)
         timings = {"decode": 0.0, "frontend": 0.0, "networks": 0.0}
         acc = _Accumulator(len(self.labels))
         stream = _PatchStream()
@@ -115,27 +121,48 @@ class Analyzer:
             timings["networks"] += time.perf_counter() - t
             if progress is not None:
                 progress(stream.samples / TARGET_SR)
-        return self._finish(acc, stream.samples, timings)
+        return self._finish(acc, stream.samples, timings, features=stream.features)
 
-    def _finish(self, acc: "_Accumulator", samples: int, timings) -> Analysis:
+    def _analyze_fast(self, path, max_seconds, progress, rule) -> Analysis:
+        """The whole file decoded and cut, its patches kept (``converge.PatchStore``), then scored in spread order."""
+        timings = {"decode": 0.0, "frontend": 0.0, "networks": 0.0}
+        store, stream = converge.PatchStore(), _PatchStream()
+        for patches in _patch_chunks(path, stream, timings, max_seconds):
+            store.add(patches.numpy())
+            if progress is not None:
+                progress(stream.samples / TARGET_SR)
+        t = time.perf_counter()
+        [running] = converge.score_many([store.patches()], [rule], self.labels, self._score_array)
+        timings["networks"] += time.perf_counter() - t
+        return self._finish(running, stream.samples, timings, total=store.seen, features=stream.features)
+
+    def _score_array(self, patches: np.ndarray) -> np.ndarray:
+        """A fast analysis's scoring: bfloat16 timbral convs where the CPU pays for them (``fast.bf16_timbral``)."""
+        with fast.bf16_timbral(self.nets, self.device == "cpu" and fast.bf16_pays()):
+            return self.score_patches(torch.from_numpy(patches)).numpy()
+
+    def _finish(self, acc: "_Accumulator", samples: int, timings, total: int | None = None,
+                features: dict | None = None) -> Analysis:
         seconds = samples / TARGET_SR
         if seconds < MIN_SECONDS:
             raise TooShortError(f"too short to tag: {seconds:.2f} s of audio (at least {MIN_SECONDS:.0f} s needed)")
         means, spreads = acc.result()
-        return Analysis(self.labels, means, spreads, acc.n, round(seconds, 3), timings)
+        return Analysis(self.labels, means, spreads, acc.n, round(seconds, 3), timings,
+                        acc.n if total is None else total, features or {})
 
-    def analyze_many(self, paths) -> list:
-        """Score several files with their patches batched together: ``submit(paths).results()``."""
-        return self.submit(paths).results()
+    def analyze_many(self, paths, rules=None) -> list:
+        """Score several files with their patches batched together: ``submit(paths, rules).results()``."""
+        return self.submit(paths, rules).results()
 
-    def submit(self, paths) -> "PendingBatch":
+    def submit(self, paths, rules=None) -> "PendingBatch":
         """Start decoding files and cutting their patches; returns at once.
 
         The work runs in ``decode_workers`` spawned processes (threads when 0),
         so a GPU tagger can write one batch's tags while the next is decoded.
+        ``rules``: per path, a ``converge.StopRule`` (fast) or None (every patch).
         """
         paths = list(paths)
-        return PendingBatch(self, paths, [self._submit(prepare_file, p) for p in paths])
+        return PendingBatch(self, paths, [self._submit(prepare_file, p) for p in paths], rules)
 
     def start_workers(self) -> None:
         """Start the decode processes now (spawning one imports torch: seconds), not on the first file."""
@@ -152,9 +179,11 @@ class Analyzer:
         except BrokenProcessPool:  # broke since ``_pool`` looked: the next look replaces it
             return self._pool().submit(fn, *args)
 
-    def score_prepared(self, prepared: list) -> list:
+    def score_prepared(self, prepared: list, rules=None) -> list:
         """Run the networks on the patches of several decoded files in shared forward passes."""
-        ready = [p for p in prepared if isinstance(p, Prepared)]
+        rules = list(rules or [None] * len(prepared))
+        self._score_converging([(p, r) for p, r in zip(prepared, rules) if isinstance(p, Prepared) and r is not None])
+        ready = [p for p, r in zip(prepared, rules) if isinstance(p, Prepared) and r is None]
         if ready:
             t = time.perf_counter()
             scores = self.score_patches(torch.from_numpy(np.concatenate([p.patches for p in ready])))
@@ -165,6 +194,14 @@ class Analyzer:
                 acc.add(part)
                 p.result = acc
         return [self._result(p) for p in prepared]
+
+    def _score_converging(self, files: list) -> None:
+        """Fast analyses of several files: each round scores the next patches of every file not yet settled."""
+        t = time.perf_counter()
+        runs = converge.score_many([p.patches for p, _ in files], [r for _, r in files], self.labels, self._score_array)
+        per_patch = (time.perf_counter() - t) / max(1, sum(run.n for run in runs))
+        for (p, _), run in zip(files, runs):
+            p.result, p.timings["networks"] = run, per_patch * run.n
 
     def _pool(self):
         """Decode workers, made once (and again after a crash broke them).
@@ -194,7 +231,8 @@ class Analyzer:
         if not isinstance(prepared, Prepared):
             return prepared
         try:
-            return self._finish(prepared.result, prepared.samples, prepared.timings)
+            return self._finish(prepared.result, prepared.samples, prepared.timings, total=len(prepared.patches),
+                                features=prepared.features)
         except Exception as exc:  # noqa: BLE001 - reported per file
             return exc
 
@@ -225,17 +263,28 @@ def prepare_file(path):
     except Exception as exc:  # noqa: BLE001 - reported per file
         return exc
     patches = torch.cat(parts).numpy() if parts else np.zeros((0, PATCH, frontend.N_MELS), np.float32)
-    return Prepared(patches, stream.samples, timings)
+    return Prepared(patches, stream.samples, timings, features=stream.features)
 
 
 def _patch_chunks(path, stream, timings, max_seconds):
-    """Patches of a file, chunk by chunk, timing decode and front end separately."""
+    """Patches of a file, chunk by chunk, timing decode, front end and features separately.
+
+    Tempo, key and loudness ride on the same demux and decode, at the file's
+    own rate and channels (``StreamMeasure``); they land in ``stream.features``
+    once the file is decoded to its end.
+    """
+    measure = StreamMeasure()
     chunks = iter_decode(path, TARGET_SR, chunk_seconds=CHUNK_PATCHES * PATCH * HOP / TARGET_SR,
-                         max_seconds=max_seconds)
+                         max_seconds=max_seconds, native_sink=measure)
+    timings.setdefault("features", 0.0)
     while True:
         t = time.perf_counter()
+        before = measure.seconds
         chunk = next(chunks, None)
-        timings["decode"] += time.perf_counter() - t
+        timings["features"] += measure.seconds - before
+        timings["decode"] += time.perf_counter() - t - (measure.seconds - before)
+        if chunk is None:
+            stream.features = measure.result(complete=max_seconds is None)
         t = time.perf_counter()
         patches = stream.feed(chunk) if chunk is not None else stream.finish()
         timings["frontend"] += time.perf_counter() - t
@@ -268,8 +317,8 @@ class _Accumulator:
 class PendingBatch:
     """Files being decoded for one batch; ``results()`` waits for them and scores them together."""
 
-    def __init__(self, analyzer: Analyzer, paths: list, futures: list):
-        self.analyzer, self.paths, self.futures = analyzer, paths, futures
+    def __init__(self, analyzer: Analyzer, paths: list, futures: list, rules=None):
+        self.analyzer, self.paths, self.futures, self.rules = analyzer, paths, futures, rules
 
     def results(self) -> list:
         """Per path, an ``Analysis`` or the exception that file raised.
@@ -285,7 +334,7 @@ class PendingBatch:
                 prepared.append(future.result())
             except BrokenProcessPool:
                 prepared.append(self.analyzer._decode_alone(path))
-        return self.analyzer.score_prepared(prepared)
+        return self.analyzer.score_prepared(prepared, self.rules)
 
 
 @dataclass
@@ -295,7 +344,8 @@ class Prepared:
     patches: np.ndarray
     samples: int
     timings: dict
-    result: _Accumulator | None = None
+    result: _Accumulator | converge.Running | None = None
+    features: dict = field(default_factory=dict)
 
 
 class _PatchStream:
@@ -314,6 +364,7 @@ class _PatchStream:
         self.history: torch.Tensor | None = None  # the last full patch, for the end-aligned one
         self.samples = 0
         self.total_frames = 0
+        self.features: dict = {}  # set by ``_patch_chunks`` at the end of the file
 
     def feed(self, chunk: np.ndarray) -> torch.Tensor | None:
         self.samples += len(chunk)

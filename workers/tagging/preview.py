@@ -35,14 +35,14 @@ def preview(library: Library, sample: int = 5) -> list[dict]:
             row["error"] = str(exc)
             rows.append(row)
             continue
-        row["earmark"] = {name: list(tagset.categories.get(name) or []) for name in standard.FIELDS}
+        row["earmark"] = {name: list(tagset.categories.get(name) or []) for name in standard.CATEGORY_FIELDS}
         row["low_confidence"] = list(tagset.low_confidence)
-        row["now"] = {name: _text(tags.standard_raw(name)) for name in standard.FIELDS}
+        row["now"] = {name: _text(tags.standard_raw(name)) for name in standard.CATEGORY_FIELDS}
         for policy in standard.POLICIES:
             request = apply.standard_request(_with_policy(library, policy), tagset)
             planned = standard.plan(tags, request)
             row["policies"][policy] = {name: _text(planned.changes.get(name, tags.standard_raw(name)))
-                                       for name in standard.FIELDS}
+                                       for name in standard.CATEGORY_FIELDS}
         rows.append(row)
     return rows
 

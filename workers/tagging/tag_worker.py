@@ -36,7 +36,7 @@ from workers.models import Track
 from workers.jobs.queue import ClaimedJob
 from workers.jobs.runtime import Context, LeaseLost, PermanentError, Worker
 from workers.tagfiles.safewrite import safe_write_tags
-from workers.tagging import apply, scores
+from workers.tagging import apply, converge, measures, scores
 
 log = logging.getLogger("earmark.tagger")
 
@@ -95,7 +95,9 @@ class TagWorker(Worker):
         checked = self._checked_tracks(jobs)
         readable = [i for i, t in checked.items() if isinstance(t, Track) and t.state != Track.State.MISSING
                     and (t.duration or 0) <= BATCH_MAX_SECONDS]
-        pending = self.analyzer.submit([paths.to_bytes(checked[i].path) for i in readable])
+        calibration = calibrated.current()  # the stop rules of fast analyses judge the tags by it
+        pending = self.analyzer.submit([paths.to_bytes(checked[i].path) for i in readable],
+                                       [converge.rule_for(checked[i].library, calibration) for i in readable])
         batch = _Batch(checked, {job_id: i for i, job_id in enumerate(readable)}, pending)
         self.batches.update((job.id, batch) for job in jobs)
 
@@ -111,9 +113,11 @@ class TagWorker(Worker):
         if track.state == Track.State.MISSING:  # file facts: ``checks.track_for_job`` found it gone
             return {"missing": True}
         ctx.progress(0.0, "analysing")
+        calibration = calibrated.current()  # calibrate (a fast analysis stops once these tags are settled)
         analysis = _analyzed(track, lambda: self.analyzer.analyze(  # decode → infer
-            paths.to_bytes(track.path), progress=lambda seconds: ctx.progress(_share(seconds, track.duration))))
-        calibration = calibrated.current()  # calibrate
+            paths.to_bytes(track.path), progress=lambda seconds: ctx.progress(_share(seconds, track.duration)),
+            until=converge.rule_for(track.library, calibration)))
+        measures.attach(track, analysis.features)  # tempo, key, loudness: measured in the same decode
         write = apply.plan(track, *analysis.mappings(), self.analyzer.model_version, calibration)  # tag set
         ctx.progress(0.8, "writing tags")
         ctx.ensure_held(job_id)  # a job taken from us is written by its new holder, not twice at once
@@ -137,9 +141,12 @@ class TagWorker(Worker):
             scores.save(track, self.analyzer.model_version, analysis.labels, analysis.means, analysis.spreads,
                         analysis.patches)
             apply.record(track, written)
+            measures.record(track)
+        measures.share_album(track)  # committed first: another tagger may be finishing the same album
         timings = {**analysis.timings, "write": written.seconds, "record": time.perf_counter() - started}
-        result = {"patches": analysis.patches, "seconds": analysis.seconds, "written": written.changed,
-                  "tags": written.tagset.categories, "timings": {k: round(v, 4) for k, v in timings.items()}}
+        result = {"patches": analysis.patches, "patches_total": analysis.patches_total,
+                  "seconds": analysis.seconds, "written": written.changed,
+                  "tags": written.tagset.categories, "measured": written.tagset.measured, "timings": {k: round(v, 4) for k, v in timings.items()}}
         if self.analyzer.device != "cpu":
             result["gpu_memory"] = self._gpu_memory()
         return result
@@ -160,6 +167,7 @@ class TagWorker(Worker):
                 if isinstance(analyses[job_id], BaseException):
                     continue
                 try:
+                    measures.attach(batch.checked[job_id], analysis.features)
                     write = apply.plan(batch.checked[job_id], *analysis.mappings(), version, cal)
                     args = write.args
                     batch.writes[job_id] = (write, self.analyzer.offload(safe_write_tags, *args) if args else None)

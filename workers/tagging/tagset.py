@@ -125,6 +125,7 @@ class TagSet:
     strengths: dict[str, dict[str, float]] = field(default_factory=dict, compare=False)
     tiers: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     low_confidence: tuple[str, ...] = ()  # categories whose value is a fallback below the threshold
+    measured: dict[str, list[str]] = field(default_factory=dict)  # tempo, key, loudness keys (tagging.measures)
 
     def fields(self) -> dict[str, list[str]]:
         """The tag keys and values to write, in the namespace's key spelling.
@@ -147,6 +148,7 @@ class TagSet:
                         out[tier_key(category, tier)] = list(values)
         for category in self.low_confidence:
             out[f"{category}_confidence"] = ["low"]
+        out.update(self.measured)
         out[VERSION_KEY] = [self.version]
         if self.scores is not None:
             for label, value in self.scores.items():

@@ -28,6 +28,8 @@ class Command(BaseCommand):
         change.add_argument("--standard-limit", action="append", default=[], metavar="CATEGORY=N",
                             help="Values at most per standard field (genre, mood; 0 leaves it out), repeatable.")
         change.add_argument("--id3v23-separator", help="Joins several values in ID3v2.3 files (default /).")
+        change.add_argument("--analysis", choices=Library.Analysis.values,
+                            help="fast (default): stop scoring a file once its tags are settled; full: every patch.")
         remove = sub.add_parser("remove", help="Forget a library: cancel its jobs, delete its rows (not its files).")
         remove.add_argument("name")
         sub.add_parser("list", help="One line per library.")
@@ -48,14 +50,15 @@ class Command(BaseCommand):
             scan.request_scan(lib)
             self.stdout.write("scan queued (the scanners start on it at once; `manage.py scan` waits for it)")
 
-    def do_set(self, name, write_mode=None, standard_tags=None, standard_limit=(), id3v23_separator=None, **_):
+    def do_set(self, name, write_mode=None, standard_tags=None, standard_limit=(), id3v23_separator=None,
+               analysis=None, **_):
         lib = Library.objects.filter(name=name).first()
         if lib is None:
             raise CommandError(f"no library named {name!r}")
         try:
             changed = update_library(lib, write_mode=write_mode, standard_tags=standard_tags,
                                      limits=dict(_limit(item) for item in standard_limit),
-                                     id3v23_separator=id3v23_separator)
+                                     id3v23_separator=id3v23_separator, analysis=analysis)
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None
         self.stdout.write(f"{lib.name}: " + (", ".join(f"{k} = {v}" for k, v in changed.items()) or "nothing changed"))
@@ -73,7 +76,7 @@ class Command(BaseCommand):
             s = summary(lib, failed_limit=0)
             flag = "" if lib.enabled else "\tdisabled"
             self.stdout.write(f"{lib.name}\t{lib.root}\t{s['tracks']} tracks\t{lib.write_mode}"
-                              f"\tstandard tags {lib.standard_tags}{flag}")
+                              f"\tstandard tags {lib.standard_tags}\t{lib.analysis} analysis{flag}")
 
     def do_show(self, name, json: bool = False, **_):
         lib = Library.objects.filter(name=name).first()
