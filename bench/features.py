@@ -242,7 +242,57 @@ def main(argv=None):
     print(f"{'':{width}}" + "".join(f"{name:{colw[name]}}" for name in cols))
     for label, values in rows:
         print(f"{label:{width}}" + "".join(f"{str(values[name]):{colw[name]}}" for name in cols))
-    print(f"\n(tagging costs ~740 ms per 30 s on one core; this run took {time.perf_counter() - t0:.0f} s)")
+    print()
+    tagging_cost(args.quick)
+    print(f"\n(this run took {time.perf_counter() - t0:.0f} s)")
+
+
+def tagging_cost(quick: bool, out=print) -> dict:
+    """The tagger's own path (``Analyzer.analyze``, full and fast) on real files, features on and off, interleaved.
+
+    Median ms per 30 s of audio over the runs; the ratio is what features add to tagging alone.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from bench.common import setup_django
+    from bench.tagger import models_dir
+
+    models = models_dir()
+    os.environ["EARMARK_MODELS_DIR"] = str(models)
+    setup_django()
+    from workers.audio import synth as music
+    from workers.audio.encode import write_audio
+    from workers.models import Library
+    from workers.tagging import converge
+    from workers.tagging.pipeline import Analyzer, use_threads
+
+    use_threads(1)
+    analyzer = Analyzer("cpu", models_dir=models)
+    rule = converge.rule_for(Library(), None, "fast")  # a default library's fast analysis (uncalibrated)
+    runs = 3 if quick else 5
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for i, fmt in enumerate(("flac", "mp3", "m4a", "opus")):
+            path = Path(tmp) / f"clip{i}.{fmt}"
+            write_audio(path, music.synth_clip(i, 30.0, RATE, channels=2, style="band"), RATE, fmt)
+            files.append(path)
+        for mode, until in (("full", None), ("fast", rule)):
+            times = {True: [], False: []}
+            for _ in range(runs):
+                for path in files:
+                    for on in (False, True):
+                        analyzer.measure_features = on
+                        t = time.perf_counter()
+                        analyzer.analyze(os.fsencode(path), until=until)
+                        times[on].append((time.perf_counter() - t) * 1000)
+            off, on = statistics.median(times[False]), statistics.median(times[True])
+            results[mode] = (off, on)
+            out(f"tagging, {mode} analysis, per 30 s (median of {len(times[True])}): without features {off:.0f} ms, "
+                f"with {on:.0f} ms: +{on - off:.0f} ms = {100 * (on / off - 1):+.1f}% (target at most +15%)")
+    analyzer.measure_features = True
+    return results
 
 
 if __name__ == "__main__":

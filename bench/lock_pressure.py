@@ -90,6 +90,8 @@ def _no_network_tagger():
         patches: int = 1
         seconds: float = 1.0
         timings: dict = field(default_factory=dict)
+        patches_total: int = 1
+        features: dict = field(default_factory=dict)  # nothing measured: no tempo, key or loudness tags
 
         def mappings(self):
             return (dict(zip(self.labels, map(float, self.means))), dict(zip(self.labels, map(float, self.spreads))))
@@ -100,7 +102,7 @@ def _no_network_tagger():
         model_version = MODEL_VERSION
         device = "cpu"
 
-        def analyze(self, path: bytes, max_seconds=None, progress=None) -> Analysis:
+        def analyze(self, path: bytes, max_seconds=None, progress=None, until=None) -> Analysis:
             rng = np.random.default_rng(zlib.crc32(path))
             n = len(LABEL_ORDER)
             return Analysis(LABEL_ORDER, rng.random(n).astype(np.float32), (rng.random(n) * 0.1).astype(np.float32))

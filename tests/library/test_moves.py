@@ -26,6 +26,7 @@ from workers.library import fileinfo, folders, paths, scan, scan_worker
 from workers.models import Job, Library, Score, Track, TrackTag
 from workers.tagfiles import namespace as tagfile
 from workers.tagging import scores
+from workers.features import FEATURES_VERSION
 from workers.tagging.apply import write_track_tags
 
 pytestmark = pytest.mark.django_db
@@ -76,6 +77,8 @@ def tag_all(lib: Library, seed: int = 0) -> None:
         means = rng.beta(0.6, 3.0, len(LABEL_ORDER)).astype(np.float32)
         scores.save(track, MODELS, LABEL_ORDER, means, means * 0.3, patches=4)
         write_track_tags(track, *scores.as_mappings(Score.objects.get(track=track), LABEL_ORDER), MODELS, None)
+    # Measured too (tempo, key, loudness), else a scan would queue them for it.
+    Track.objects.filter(library=lib, state=Track.State.TAGGED).update(features_version=FEATURES_VERSION)
     Job.objects.filter(queue="tag").update(state=Job.State.DONE)  # their tagger finished them
 
 

@@ -22,6 +22,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from workers.audio.formats import format_for_path
+from workers.features import FEATURES_VERSION
 from workers.jobs import queue
 from workers.jobs.runtime import PermanentError
 from workers.library import fileinfo, moves, paths, track_rows
@@ -67,6 +68,7 @@ class KnownTrack:
     has_tag_job: bool = False  # an active tag job exists (queued or running)
     device: int | None = None
     inode: int | None = None
+    features_version: str = ""
 
 
 @dataclass
@@ -156,13 +158,13 @@ def read_folder(library: Library, folder: bytes, gen: int, full: bool, progress=
     with connection.cursor() as cur:  # raw: once per folder, and the ORM's query building cost more than the query
         cur.execute(f"SELECT t.id, t.library_id, t.path, t.size, t.mtime_ns, t.state, t.model_version, "
                     f"EXISTS (SELECT 1 FROM {JOB} j WHERE j.queue = 'tag' AND j.key = 'tag:' || t.id "
-                    f"AND j.state IN ('queued', 'running')), t.device, t.inode "
+                    f"AND j.state IN ('queued', 'running')), t.device, t.inode, t.features_version "
                     f"FROM {TRACK} t WHERE t.folder = %s", [folder_text])
         rows = cur.fetchall()
     known = writes.known = {path: KnownTrack(track_id, size, mtime_ns, state, model_version, bool(has_job),
-                                             device, inode)
-                            for track_id, lib_id, path, size, mtime_ns, state, model_version, has_job, device, inode
-                            in rows if lib_id == library.id}
+                                             device, inode, features_version)
+                            for track_id, lib_id, path, size, mtime_ns, state, model_version, has_job, device, inode,
+                            features_version in rows if lib_id == library.id}
     if model_version is _UNSET:
         model_version = current_model_version()
     for i, (entry, kind) in enumerate(files):
@@ -387,7 +389,9 @@ def _record_failure(library, track, text, folder_text, gen, st, error, result, w
 
 
 def _needs_tagging(track: Track, model_version: str | None) -> bool:
-    """Scanned tracks need tags; tagged ones only when the models changed."""
+    """Scanned tracks need tags; tagged ones only when the models or the tempo, key and loudness methods changed
+    (``workers.features.FEATURES_VERSION``: a track tagged before it has none, and gets them once)."""
     if track.state == Track.State.SCANNED:
         return True
-    return track.state == Track.State.TAGGED and model_version is not None and track.model_version != model_version
+    return track.state == Track.State.TAGGED and model_version is not None and (
+        track.model_version != model_version or track.features_version != FEATURES_VERSION)

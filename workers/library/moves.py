@@ -64,6 +64,7 @@ class Move:
     model_version: str
     has_tag_job: bool
     needs_tag: bool = False  # set by the folder scan (its model version decides)
+    features_version: str = ""
 
 
 @dataclass
@@ -78,6 +79,7 @@ class _Known:
     fingerprint: str
     was_tagged: bool
     has_tag_job: bool
+    features_version: str = ""
 
 
 def find(new_tracks: list) -> list[Move]:
@@ -142,14 +144,14 @@ def _known_by_identity(tracks: list) -> dict[tuple[int, int], list[_Known]]:
                     f"SELECT t.id, t.library_id, t.path, t.size, t.mtime_ns, t.state, t.model_version, "
                     f"t.audio_fingerprint, t.tagged_at IS NOT NULL, t.inode, "
                     f"EXISTS (SELECT 1 FROM {JOB} j WHERE j.queue = 'tag' AND j.key = 'tag:' || t.id "
-                    f"AND j.state IN ('queued', 'running')) "
+                    f"AND j.state IN ('queued', 'running')), t.features_version "
                     f"FROM {TRACK} t WHERE t.device = %s AND t.inode IN ({', '.join(['%s'] * len(chunk))}) "
                     f"ORDER BY t.id", [device, *chunk])
                 for (track_id, library_id, path, size, mtime_ns, state, model_version, fingerprint, tagged,
-                     inode, has_job) in cur.fetchall():
+                     inode, has_job, features_version) in cur.fetchall():
                     known.setdefault((device, inode), []).append(_Known(
                         track_id, library_id, path, size, mtime_ns, state, model_version or "", fingerprint or "",
-                        bool(tagged), bool(has_job)))
+                        bool(tagged), bool(has_job), features_version or ""))
     return known
 
 
@@ -178,4 +180,5 @@ def _move(track, known: _Known) -> Move:
     fields["state"] = state  # always: another folder's job may have marked it missing since it was read
     if state != Track.State.TAGGED:
         fields["error"] = ""
-    return Move(known.id, known.path, known.library_id, track, fields, state, model_version, known.has_tag_job)
+    return Move(known.id, known.path, known.library_id, track, fields, state, model_version, known.has_tag_job,
+                features_version=known.features_version)

@@ -78,6 +78,8 @@ def resolve_device(device: str = "auto") -> str:
 class Analyzer:
     """Loads the networks once per process and scores files on one device."""
 
+    measure_features = True  # tempo, key, loudness in the same decode (off only to measure their cost: bench)
+
     def __init__(self, device: str = "auto", models_dir=None, names=DEFAULT_MODELS, patch_batch: int | None = None,
                  decode_workers: int = 0):
         self.device = resolve_device(device)
@@ -115,7 +117,7 @@ class Analyzer:
         timings = {"decode": 0.0, "frontend": 0.0, "networks": 0.0}
         acc = _Accumulator(len(self.labels))
         stream = _PatchStream()
-        for patches in _patch_chunks(path, stream, timings, max_seconds):
+        for patches in _patch_chunks(path, stream, timings, max_seconds, self.measure_features):
             t = time.perf_counter()
             acc.add(self.score_patches(patches))
             timings["networks"] += time.perf_counter() - t
@@ -127,7 +129,7 @@ class Analyzer:
         """The whole file decoded and cut, its patches kept (``converge.PatchStore``), then scored in spread order."""
         timings = {"decode": 0.0, "frontend": 0.0, "networks": 0.0}
         store, stream = converge.PatchStore(), _PatchStream()
-        for patches in _patch_chunks(path, stream, timings, max_seconds):
+        for patches in _patch_chunks(path, stream, timings, max_seconds, self.measure_features):
             store.add(patches.numpy())
             if progress is not None:
                 progress(stream.samples / TARGET_SR)
@@ -266,7 +268,7 @@ def prepare_file(path):
     return Prepared(patches, stream.samples, timings, features=stream.features)
 
 
-def _patch_chunks(path, stream, timings, max_seconds):
+def _patch_chunks(path, stream, timings, max_seconds, features: bool = True):
     """Patches of a file, chunk by chunk, timing decode, front end and features separately.
 
     Tempo, key and loudness ride on the same demux and decode, at the file's
@@ -275,7 +277,7 @@ def _patch_chunks(path, stream, timings, max_seconds):
     """
     measure = StreamMeasure()
     chunks = iter_decode(path, TARGET_SR, chunk_seconds=CHUNK_PATCHES * PATCH * HOP / TARGET_SR,
-                         max_seconds=max_seconds, native_sink=measure)
+                         max_seconds=max_seconds, native_sink=measure if features else None)
     timings.setdefault("features", 0.0)
     while True:
         t = time.perf_counter()
@@ -283,7 +285,7 @@ def _patch_chunks(path, stream, timings, max_seconds):
         chunk = next(chunks, None)
         timings["features"] += measure.seconds - before
         timings["decode"] += time.perf_counter() - t - (measure.seconds - before)
-        if chunk is None:
+        if chunk is None and features:
             stream.features = measure.result(complete=max_seconds is None)
         t = time.perf_counter()
         patches = stream.feed(chunk) if chunk is not None else stream.finish()
