@@ -21,9 +21,10 @@ from mutagen.id3 import ID3
 from workers.audio.formats import FORMATS, ID3 as ID3_FAMILY, MP4 as MP4_FAMILY, VORBIS as VORBIS_FAMILY, tag_family
 from workers.library import paths
 from workers.library.libraries import add_library
-from workers.models import Track, TrackTag
-from workers.tagfiles.namespace import read_earmark_tags, write_earmark_tags
-from workers.tagging import navidrome, playlists
+from workers.features import FEATURES_VERSION
+from workers.models import Library, Track, TrackTag
+from workers.tagfiles.namespace import open_tags, read_earmark_tags, write_earmark_tags
+from workers.tagging import feature_groups, measures, navidrome, playlists
 from workers.tagging.categories import CATEGORIES, canonical_values
 
 from tests.audio_factory import make_file
@@ -40,17 +41,23 @@ def _snippet() -> dict:
 # --- the navidrome snippet --------------------------------------------------------------------
 
 
-def test_the_snippet_is_toml_with_one_tag_per_category():
+def test_the_snippet_is_toml_with_one_tag_per_category_and_earmarks_exact_bpm_and_key():
     tags = _snippet()["Tags"]
-    assert sorted(tags) == sorted(f"earmark_{c}" for c in CATEGORIES)
+    assert sorted(tags) == sorted([*(f"earmark_{c}" for c in CATEGORIES), "earmark_bpm", "earmark_key"])
     longest = max(len(v) for c in CATEGORIES for v in canonical_values(c))
     for name, conf in tags.items():
         assert set(conf) == {"Aliases", "Type", "MaxLength", "Album"}, name
-        assert conf["Type"] == "string" and isinstance(conf["Album"], bool)
-        assert conf["MaxLength"] >= longest, "no value Earmark writes may be cut"
+        assert conf["Type"] == ("float" if name == "earmark_bpm" else "string") and isinstance(conf["Album"], bool)
+        assert conf["MaxLength"] >= (max(map(len, feature_groups.KEYS)) if name in ("earmark_bpm", "earmark_key")
+                                     else longest), "no value Earmark writes may be cut"
         assert conf["Aliases"] and all(a == a.lower() for a in conf["Aliases"]), "Navidrome lower-cases names"
         assert name == name.lower() and name.replace("_", "").isalnum(), "usable as a smart-playlist field"
     assert tags["earmark_genre"]["Album"] and not tags["earmark_instrument"]["Album"]
+    assert not tags["earmark_bpm"]["Album"] and not tags["earmark_key"]["Album"]
+    # BPM and key are Navidrome's own tags already: the snippet must not take their standard fields away.
+    native = {a for names in navidrome.NATIVE.values() for a in names}
+    assert not native & {a for conf in tags.values() for a in conf["Aliases"]}
+    assert "bpm" not in tags and "key" not in tags
 
 
 def test_the_snippet_says_how_to_paste_it_and_can_be_appended_to_a_config():
@@ -115,6 +122,68 @@ def test_every_alias_matches_what_earmark_writes(tmp_path, case):
         assert navidrome.seen_names(category)[family] == seen
     # The user's own genre is not one of ours: it stays Navidrome's native genre.
     assert not any(a in ("genre", "tcon", "©gen") for conf in tags.values() for a in conf["Aliases"])
+
+
+def _features(bpm=121.44, key="A minor") -> dict:
+    forms = feature_groups.notations(key)
+    return {"version": FEATURES_VERSION, "bpm": bpm, "bpm_confidence": 0.9, "key": key, "key_confidence": 0.5,
+            "key_short": forms.standard, "key_camelot": forms.camelot, "key_open": forms.open_key,
+            "loudness_lufs": -11.2, "reasons": {}}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_earmarks_exact_bpm_and_key_reach_the_snippets_tags(tmp_path, case):
+    """What ``measures.namespace_fields`` writes for tempo and key is seen under earmark_bpm / earmark_key."""
+    fmt = case.split("-")[0]
+    path = make_file(tmp_path, fmt, seconds=1.0, tags={"title": "Song"})
+    if case == "mp3-v23":
+        tag = ID3(str(path))
+        tag.update_to_v23()
+        tag.save(str(path), v2_version=3)
+    fields = measures.namespace_fields(Track(features=_features()))
+    assert write_earmark_tags(path, fields)
+    names = _navidrome_names(path, fmt)
+    tags = _snippet()["Tags"]
+    for key, tag in (("bpm", "earmark_bpm"), ("key", "earmark_key")):
+        seen = navidrome.seen_names(key)[tag_family(fmt)]
+        assert seen in names and seen in tags[tag]["Aliases"], (case, key, sorted(names))
+        assert not [n for n, conf in tags.items() if n != tag and seen in conf["Aliases"]]
+    assert float(names[navidrome.seen_names("bpm")[tag_family(fmt)]][0]) == pytest.approx(121.4), \
+        "a float Navidrome parses, to a tenth of a beat"
+    key_name = navidrome.seen_names("key")[tag_family(fmt)]
+    assert names[key_name] == ["A minor"], "the same name whatever the library's notation"
+    bpm_conf = navidrome.seen_names("bpm_confidence")[tag_family(fmt)]
+    assert bpm_conf in names and not any(bpm_conf in conf["Aliases"] for conf in tags.values())
+
+
+def _native_names(path: Path, fmt: str) -> dict[str, list[str]]:
+    """The file's standard (non-Earmark) tags as Navidrome names them: ID3 frame ids, MP4 atoms, Vorbis names."""
+    family = tag_family(fmt)
+    tags = ID3(str(path)) if fmt == "mp3" else mutagen.File(str(path)).tags
+    if family == ID3_FAMILY:
+        return {frame.FrameID.lower(): [str(t) for t in frame.text] for frame in tags.values()
+                if frame.FrameID != "TXXX" and hasattr(frame, "text")}
+    if family == MP4_FAMILY:
+        return {key.lower(): [bytes(v).decode() if isinstance(v, bytes) else str(v) for v in values]
+                for key, values in tags.items()}
+    return {key.lower(): [value] for key, value in tags}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("notation", ["standard", "camelot"])
+def test_the_standard_bpm_and_key_fields_are_ones_navidrome_maps_natively(tmp_path, fmt, notation):
+    path = make_file(tmp_path, fmt, seconds=1.0, tags={"title": "Song"})
+    track = Track(library=Library(key_notation=notation), features=_features(bpm=127.6, key="F# minor"))
+    values = measures.standard_values(track)
+    assert values["bpm"] == ["128"] and values["key"] == (["F#m"] if notation == "standard" else ["11A"])
+    tags = open_tags(path)
+    for name in ("bpm", "key"):
+        tags.set_standard_raw(name, {"text": values[name], "encoding": None})
+    tags.save()
+    names = _native_names(path, fmt)
+    for name in ("bpm", "key"):
+        holding = [n for n, vals in names.items() if vals == values[name]]
+        assert len(holding) == 1 and holding[0] in navidrome.NATIVE[name], (fmt, name, names)
 
 
 def test_the_navidrome_command_prints_or_writes_the_snippet(tmp_path, capsys):
@@ -269,3 +338,85 @@ def test_m3u_needs_an_absolute_directory():
         playlists.build("m3u", base_dir="relative/dir")
     with pytest.raises(ValueError, match="format"):
         playlists.build("pls")
+
+
+# --- BPM range and key playlists ------------------------------------------------------------------
+
+
+def measured(library, name: str, bpm=None, key="", key_confidence=0.5, state="tagged", real=False) -> Track:
+    """A track whose tempo and key are stored as the tagger stores them (``measures.columns``)."""
+    row = track(library, name, state=state, real=real, title=name)
+    features = {"version": FEATURES_VERSION, "bpm": bpm, "bpm_confidence": 0.8, "key": key or None,
+                "key_confidence": key_confidence if key else None, "reasons": {}}
+    Track.objects.filter(id=row.id).update(**measures.columns(features))
+    return Track.objects.get(id=row.id)
+
+
+def navidrome_matches(rule: dict, bpm: int | None) -> bool:
+    """How Navidrome evaluates our BPM rules on its integer ``bpm`` column (NULL matches nothing)."""
+    if bpm is None:
+        return False
+    (op, args), = rule.items()
+    (field_name, value), = args.items()
+    assert field_name == "bpm"
+    return {"lt": lambda: bpm < value, "gt": lambda: bpm > value,
+            "inTheRange": lambda: value[0] <= bpm <= value[1]}[op]()
+
+
+BPMS = [59.0, 79.4, 79.5, 79.6, 80.0, 99.4, 99.5, 99.6, 100.5, 119.5, 128.0, 139.49, 139.5, 140.0, 181.0]
+
+
+@pytest.mark.django_db
+def test_bpm_and_key_playlists_in_navidromes_fields_agree_with_the_database(library, tmp_path):
+    for i, bpm in enumerate(BPMS):
+        measured(library, f"t{i:02}.flac", bpm=bpm)
+    measured(library, "none.flac")
+    measured(library, "a1.flac", key="A minor", key_confidence=0.3)
+    measured(library, "a2.flac", key="A minor", key_confidence=0.9)
+    measured(library, "cs.flac", key="C# minor")
+    measured(library, "c.flac", key="C minor")
+    measured(library, "gone.flac", key="E major", bpm=300.0, state="missing")
+    out = tmp_path / "nsp"
+    call_command("export", "playlists", "--out", str(out))
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["bpm-100-120.nsp", "bpm-120-140.nsp", "bpm-140-plus.nsp", "bpm-80-100.nsp", "bpm-under-80.nsp",
+                     "key-a-minor.nsp", "key-c-minor.nsp", "key-c-sharp-minor.nsp"], \
+        "a playlist per range and key that tracks have; C# and C apart; nothing for a missing file's key"
+    key = json.loads((out / "key-a-minor.nsp").read_text())
+    assert key["all"] == [{"is": {"earmark_key": "A minor"}}] and key["name"] == "Earmark key A minor (Am, 8A, 1m)"
+    assert "earmark_key" in _snippet()["Tags"], "the key playlists' field is one the snippet defines"
+    assert json.loads((out / "bpm-80-100.nsp").read_text())["all"] == [{"inTheRange": {"bpm": [80, 99]}}]
+    assert json.loads((out / "bpm-under-80.nsp").read_text())["all"] == [{"lt": {"bpm": 80}}]
+    assert json.loads((out / "bpm-140-plus.nsp").read_text())["all"] == [{"gt": {"bpm": 139}}]
+    assert "bpm" in navidrome.NATIVE, "BPM ranges are on Navidrome's own bpm field"
+
+    m3u = _by_name(playlists.build("m3u", base_dir=library.root))
+    rows = {t.path.rsplit("/", 1)[1]: t for t in Track.objects.all()}
+    for r in feature_groups.BPM_RANGES:
+        rule = json.loads((out / f"bpm-{r.slug}.nsp").read_text())["all"][0]
+        in_m3u = [line.decode() for line in m3u[f"bpm-{r.slug}.m3u8"].data.split(b"\n")
+                  if line and not line.startswith(b"#")]
+        # What Navidrome holds is the whole-beat BPM Earmark writes into the file's standard field.
+        in_navidrome = sorted(name for name, t in rows.items() if t.state != "missing" and navidrome_matches(
+            rule, None if t.bpm is None else int(measures.standard_values(t)["bpm"][0])))
+        assert sorted(in_m3u) == in_navidrome, (r, in_m3u, in_navidrome)
+        assert [rows[n].bpm for n in in_m3u] == sorted(rows[n].bpm for n in in_m3u), "slowest first"
+    assert sum(p.tracks for p in m3u.values() if p.category == "bpm") == len(BPMS), "each tempo in one range"
+    a_minor = [line for line in m3u["key-a-minor.m3u8"].data.split(b"\n") if line and not line.startswith(b"#")]
+    assert a_minor == [b"a2.flac", b"a1.flac"], "surest first"
+    assert b"#PLAYLIST:Earmark key A minor (Am, 8A, 1m)" in m3u["key-a-minor.m3u8"].data
+
+
+@pytest.mark.django_db
+def test_bpm_and_key_playlists_follow_the_library_filter(library, tmp_path):
+    (tmp_path / "other").mkdir()
+    other = add_library("other", str(tmp_path / "other"))
+    measured(library, "mine.flac", bpm=90.0, key="D major")
+    measured(other, "theirs.flac", bpm=130.0, key="G minor")
+    mine = _by_name(playlists.build("m3u", library=library, base_dir=library.root))
+    assert sorted(mine) == ["bpm-80-100.m3u8", "key-d-major.m3u8"]
+    assert mine["bpm-80-100.m3u8"].data.endswith(b"\nmine.flac\n")
+    assert sorted(_by_name(playlists.build("nsp", library=other))) == ["bpm-120-140.nsp", "key-g-minor.nsp"]
+    assert sorted(_by_name(playlists.build("nsp", features=()))) == [], "no tag rows, no measure playlists asked for"
+    with pytest.raises(ValueError, match="unknown"):
+        playlists.build("nsp", features=("loudness",))

@@ -1,4 +1,5 @@
-"""Finding tracks by what Earmark heard: a list filter per category with counts, a strength filter, tag search.
+"""Finding tracks by what Earmark heard: a list filter per category with counts, a strength filter, tag search;
+tempo, key and loudness filters and key search.
 
 Everything runs on ``TrackTag`` (one row per written value, indexed by
 category and value), never on the JSON lists in ``Track.earmark_tags``: a
@@ -6,6 +7,12 @@ JSON scan of 100,000 rows per page view is what made such filters slow. The
 counts in a filter's sidebar are one ``GROUP BY value`` over the category's
 rows (cached for a minute); choosing a value adds one ``id IN (…)`` per
 category to the list's query.
+
+Tempo, key and loudness are columns of ``Track`` with an index each (``bpm``,
+``musical_key``, ``loudness_lufs``), so their filters are index range or
+equality lookups; their sidebar counts (one ``COUNT`` per choice on the index)
+are cached for a minute too. The ranges and the 24 keys are
+``workers.tagging.feature_groups``', which the playlists use as well.
 """
 from __future__ import annotations
 
@@ -14,7 +21,8 @@ from django.core.cache import cache
 from django.db.models import Count, Q
 
 from workers.audio.formats import FORMATS
-from workers.models import TrackTag
+from workers.models import Track, TrackTag
+from workers.tagging import feature_groups as groups
 from workers.tagging.categories import CATEGORIES
 
 #: The strength choices of ``StrengthFilter``: how sure the chosen tags must be.
@@ -125,3 +133,98 @@ class FormatFilter(admin.SimpleListFilter):
 
     def queryset(self, request, queryset):
         return queryset.filter(format=self.value()) if self.value() else queryset
+
+
+def _cached(key: str, compute):
+    value = cache.get(key)
+    if value is None:
+        value = compute()
+        cache.set(key, value, COUNTS_SECONDS)
+    return value
+
+
+class _RangeFilter(admin.SimpleListFilter):
+    """One measure in ranges (``feature_groups``), each with its count, and "not measured"."""
+
+    ranges: tuple[groups.Range, ...] = ()
+    field = ""
+    none_label = "not measured"
+
+    @staticmethod
+    def range_q(r: groups.Range):
+        raise NotImplementedError
+
+    def _counts(self) -> dict[str, int]:
+        def compute():
+            counts = {r.slug: Track.objects.filter(self.range_q(r)).count() for r in self.ranges}
+            counts[groups.NONE] = Track.objects.filter(**{f"{self.field}__isnull": True}).count()
+            return counts
+        return _cached(f"earmark:range-counts:{self.field}", compute)
+
+    def lookups(self, request, model_admin):
+        counts = self._counts()
+        return [(r.slug, f"{r.label} ({counts.get(r.slug, 0):,})") for r in self.ranges] + \
+            [(groups.NONE, f"{self.none_label} ({counts.get(groups.NONE, 0):,})")]
+
+    def queryset(self, request, queryset):
+        if self.value() == groups.NONE:
+            return queryset.filter(**{f"{self.field}__isnull": True})
+        chosen = next((r for r in self.ranges if r.slug == self.value()), None)
+        return queryset.filter(self.range_q(chosen)) if chosen else queryset
+
+
+class BpmFilter(_RangeFilter):
+    """Tempo in ranges of the whole-beat BPM players show (``feature_groups``), and tracks without one."""
+
+    title = "tempo (BPM)"
+    parameter_name = "bpm"
+    ranges = groups.BPM_RANGES
+    field = "bpm"
+    none_label = "no BPM"
+    range_q = staticmethod(groups.bpm_q)
+
+
+class LoudnessFilter(_RangeFilter):
+    """Integrated loudness (EBU R128) in ranges, loudest first, and tracks not measured."""
+
+    title = "loudness"
+    parameter_name = "loudness"
+    ranges = groups.LOUDNESS_RANGES
+    field = "loudness_lufs"
+    range_q = staticmethod(groups.loudness_q)
+
+
+def key_counts() -> dict[str, int]:
+    """Tracks per ``musical_key`` ("" for none): one ``GROUP BY`` on its index, cached for a minute."""
+    def compute():
+        return {row["musical_key"]: row["n"]
+                for row in Track.objects.values("musical_key").annotate(n=Count("id")).order_by()}
+    return _cached("earmark:key-counts", compute)
+
+
+class KeyFilter(admin.SimpleListFilter):
+    """Each of the 24 keys in Camelot order, in all three notations, with its count; and "none"."""
+
+    title = "key"
+    parameter_name = "key"
+
+    def lookups(self, request, model_admin):
+        counts = key_counts()
+        choices = []
+        for name in groups.KEYS:
+            n = groups.notations(name)
+            choices.append((name, f"{name} · {n.standard} · {n.camelot} · {n.open_key} ({counts.get(name, 0):,})"))
+        return choices + [(groups.NONE, f"none ({counts.get('', 0):,})")]
+
+    def queryset(self, request, queryset):
+        if self.value() == groups.NONE:
+            return queryset.filter(musical_key="")
+        if self.value() in groups.KEYS:
+            return queryset.filter(musical_key=self.value())
+        return queryset
+
+
+def key_search(term: str) -> Q | None:
+    """Tracks in the key the term names (``A minor``, ``Am``, ``8A``, ``1m``: ``feature_groups.key_from_search``)."""
+    name = groups.key_from_search(term)
+    return Q(musical_key=name) if name else None

@@ -1,9 +1,12 @@
-"""The admin's track pages: a file's facts, the user's tags, Earmark's tags and scores, and its jobs.
+"""The admin's track pages: a file's facts, the user's tags, Earmark's tags and scores, tempo, key and
+loudness, and its jobs.
 
 Actions queue a retag (run the models again) or a recalibration (rewrite the
 tags from the stored scores); the workers do the work.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from django.contrib import admin, messages
@@ -15,18 +18,23 @@ from django.utils.safestring import mark_safe
 
 from workers.admin import listen
 from workers.admin.common import ADMIN_PRIORITY, WorkerRows, json_block, pre, short, table
-from workers.admin.track_filters import CATEGORY_FILTERS, FormatFilter, StrengthFilter, tag_search
+from workers.admin.track_filters import (CATEGORY_FILTERS, BpmFilter, FormatFilter, KeyFilter, LoudnessFilter,
+                                         StrengthFilter, key_search, tag_search)
 from workers.jobs import queue
 from workers.library import paths
 from workers.live import plots
-from workers.models import Score, Track
+from workers.features import FEATURES_VERSION
+from workers.models import Library, Score, Track
 from workers.tagfiles.namespace import read_earmark_tags
+from workers.tagging import feature_groups
 from workers.tagging import scores as stored_scores
 from workers.tagging.categories import CATEGORIES
 from workers.tagging.labels import combined_labels
 
 JOB_HISTORY = 50
 TOP_LABELS = 20
+#: Big JSON the list never shows (``features`` holds each track's loudness histogram for its album gain).
+LIST_DEFERRED = ("features", "tags")
 
 
 def score_rows(score: Score) -> list[tuple[str, float, float]]:
@@ -60,9 +68,10 @@ class TrackAdmin(WorkerRows, admin.ModelAdmin):
     """Tracks come from scans; the page shows them and queues work on them."""
 
     list_display = ["short_path", "library", "state", "format", "artist", "title", "duration",
-                     *(f"tags_{category}" for category in CATEGORIES)]
-    list_filter = ["library", "state", FormatFilter, *CATEGORY_FILTERS, StrengthFilter, "genre_low_confidence"]
-    search_fields = ["path", "artist", "title"]  # and tag values: ``get_search_results``
+                    "bpm_column", "key_column", "loudness_column", *(f"tags_{category}" for category in CATEGORIES)]
+    list_filter = ["library", "state", FormatFilter, *CATEGORY_FILTERS, StrengthFilter, "genre_low_confidence",
+                   BpmFilter, KeyFilter, LoudnessFilter]
+    search_fields = ["path", "artist", "title"]  # and tag values and keys: ``get_search_results``
     list_select_related = ["library"]
     actions = ["retag", "recalibrate"]
     show_full_result_count = False  # a COUNT(*) per page is slow on a large library
@@ -73,6 +82,7 @@ class TrackAdmin(WorkerRows, admin.ModelAdmin):
         ("Listen", {"fields": ["player"]}),
         ("Earmark", {"fields": ["written_tags", "file_tags", "model_version", "calibration_version",
                                 "tagged_at", "top_labels", "scores"]}),
+        ("Tempo, key and loudness", {"fields": ["measured"]}),
         ("Jobs", {"fields": ["job_history"]}),
     ]
 
@@ -80,12 +90,48 @@ class TrackAdmin(WorkerRows, admin.ModelAdmin):
     def short_path(self, obj):
         return short(obj.path, 90)
 
+    def get_queryset(self, request):
+        """The list leaves out the JSON it never shows; the track page reads everything."""
+        qs = super().get_queryset(request)
+        match = getattr(request, "resolver_match", None)
+        if match is not None and match.url_name == "workers_track_changelist":
+            qs = qs.defer(*LIST_DEFERRED)
+        return qs
+
     def get_search_results(self, request, queryset, search_term):
-        """Paths, artists and titles as Django searches them, or a tag Earmark wrote (``piano``)."""
+        """Paths, artists and titles as Django searches them, a tag Earmark wrote (``piano``), or a key (``Am``, ``8A``)."""
         found, may_have_duplicates = super().get_search_results(request, queryset, search_term)
         if search_term.strip():
             found = found | queryset.filter(tag_search(search_term))
+            in_key = key_search(search_term)
+            if in_key is not None:
+                found = found | queryset.filter(in_key)
         return found, may_have_duplicates
+
+    @admin.display(description="BPM", ordering="bpm")
+    def bpm_column(self, obj):
+        return "—" if obj.bpm is None else f"{obj.bpm:.1f}"
+
+    @admin.display(description="key", ordering="musical_key")
+    def key_column(self, obj):
+        """The key, and as the library writes it to files when that is Camelot or Open Key (``A minor (8A)``)."""
+        if not obj.musical_key:
+            return "—"
+        forms = feature_groups.notations(obj.musical_key)
+        notation = obj.library.key_notation
+        if forms is None or notation == Library.KeyNotation.STANDARD:
+            return obj.musical_key
+        return f"{obj.musical_key} ({forms.camelot if notation == Library.KeyNotation.CAMELOT else forms.open_key})"
+
+    @admin.display(description="loudness", ordering="loudness_lufs")
+    def loudness_column(self, obj):
+        return "—" if obj.loudness_lufs is None else f"{obj.loudness_lufs:.1f} LUFS"
+
+    @admin.display(description="measured")
+    def measured(self, obj):
+        """Tempo, key, loudness and ReplayGain as stored, with confidences, and why anything is missing."""
+        rows = measured_rows(obj)
+        return table(["measure", "value", "note"], rows) if rows else "not measured yet"
 
     @admin.display(description="tags read at scan")
     def user_tags(self, obj):
@@ -162,6 +208,58 @@ class TrackAdmin(WorkerRows, admin.ModelAdmin):
     @admin.action(description="Recalibrate (rewrite tags from stored scores)", permissions=["change"])
     def recalibrate(self, request, queryset):
         self._enqueue(request, queryset, "calibrate")
+
+
+def _peak(peak: float | None) -> str:
+    if peak is None:
+        return "—"
+    return f"{peak:.6f} ({20 * math.log10(peak):+.2f} dBTP)" if peak > 0 else f"{peak:.6f}"
+
+
+def _gain(gain: float | None) -> str:
+    return "—" if gain is None else f"{gain:+.2f} dB"
+
+
+def measured_rows(track: Track) -> list[tuple[str, str, str]]:
+    """(measure, value, note) for the track page: what ``workers.tagging.measures`` stored, and the reasons."""
+    f = track.features or {}
+    reasons = f.get("reasons") or {}
+    if not f and track.bpm is None and not track.musical_key and track.loudness_lufs is None:
+        return []
+    rows = []
+    if track.bpm is not None:
+        rows.append(("tempo", f"{track.bpm:.1f} BPM (files: {int(round(track.bpm))})",
+                     f"confidence {track.bpm_confidence or 0:.2f}"))
+    else:
+        rows.append(("tempo", "—", reasons.get("tempo") or "not measured"))
+    if track.musical_key:
+        forms = feature_groups.notations(track.musical_key)
+        short = f.get("key_short") or (forms and forms.standard) or ""
+        camelot = f.get("key_camelot") or (forms and forms.camelot) or ""
+        open_key = f.get("key_open") or (forms and forms.open_key) or ""
+        rows.append(("key", f"{track.musical_key}: {short} (standard) · {camelot} (Camelot) · {open_key} (Open Key)",
+                     f"confidence {track.key_confidence or 0:.2f}; files get the "
+                     f"{track.library.get_key_notation_display()} form"))
+    else:
+        rows.append(("key", "—", reasons.get("key") or "not measured"))
+    if track.loudness_lufs is not None:
+        rows.append(("loudness", f"{track.loudness_lufs:.2f} LUFS", "integrated, EBU R128 / ITU-R BS.1770-4"
+                     + ("; the signal clips" if f.get("clipped") else "")))
+    else:
+        rows.append(("loudness", "—", reasons.get("loudness") or "not measured"))
+    rows.append(("track gain", _gain(track.track_gain_db), "ReplayGain 2.0, to −18 LUFS"))
+    rows.append(("track peak", _peak(track.track_peak), "true peak"))
+    no_album = "the album's other tracks are not all measured yet" if (track.album or "").strip() else "no album tag"
+    rows.append(("album gain", _gain(track.album_gain_db), "" if track.album_gain_db is not None else no_album))
+    rows.append(("album peak", _peak(track.album_peak), ""))
+    for name, reason in sorted(reasons.items()):
+        if name not in ("tempo", "key", "loudness"):  # those are on their own rows
+            rows.append((f"{name}: not measurable", "—", reason))
+    version = track.features_version or f.get("version") or ""
+    if version:
+        rows.append(("method", version, "" if version == FEATURES_VERSION else
+                     f"an older method: measured again ({FEATURES_VERSION}) at the next full scan"))
+    return rows
 
 
 def _tags_column(category: str):

@@ -39,17 +39,20 @@ def validate_standard_limits(value) -> dict[str, int]:
 
 
 def add_library(name: str, path: str, write_mode: str = Library.WriteMode.MINIMAL,
-                standard_tags: str = Library.StandardTags.FILL_EMPTY) -> Library:
+                standard_tags: str = Library.StandardTags.FILL_EMPTY,
+                key_notation: str = Library.KeyNotation.STANDARD) -> Library:
     root = validate_root(path)
     if Library.objects.filter(name=name).exists():
         raise ValidationError(f"a library named {name!r} already exists")
     _check_choices(write_mode, standard_tags)
-    return Library.objects.create(name=name, root=root, write_mode=write_mode, standard_tags=standard_tags)
+    _check_key_notation(key_notation)
+    return Library.objects.create(name=name, root=root, write_mode=write_mode, standard_tags=standard_tags,
+                                  key_notation=key_notation)
 
 
 def update_library(library: Library, write_mode: str | None = None, standard_tags: str | None = None,
                    limits: dict | None = None, id3v23_separator: str | None = None,
-                   analysis: str | None = None) -> dict:
+                   analysis: str | None = None, key_notation: str | None = None) -> dict:
     """Change a library's tag settings; returns what changed. Files change at their next tagging."""
     _check_choices(write_mode or library.write_mode, standard_tags or library.standard_tags)
     changed = {}
@@ -69,6 +72,9 @@ def update_library(library: Library, write_mode: str | None = None, standard_tag
         if analysis not in Library.Analysis.values:
             raise ValidationError(f"analysis must be one of {', '.join(Library.Analysis.values)}")
         changed["analysis"] = analysis  # fast: stop scoring a file once its tags are settled; full: every patch
+    if key_notation:
+        _check_key_notation(key_notation)
+        changed["key_notation"] = key_notation  # the standard key field: Am, 8A (Camelot) or 1m (Open Key)
     for key, value in changed.items():
         setattr(library, key, value)
     if changed:
@@ -81,6 +87,11 @@ def _check_choices(write_mode: str, standard_tags: str) -> None:
         raise ValidationError(f"write mode must be one of {', '.join(Library.WriteMode.values)}")
     if standard_tags not in Library.StandardTags.values:
         raise ValidationError(f"standard tags must be one of {', '.join(Library.StandardTags.values)}")
+
+
+def _check_key_notation(key_notation: str) -> None:
+    if key_notation not in Library.KeyNotation.values:
+        raise ValidationError(f"key notation must be one of {', '.join(Library.KeyNotation.values)}")
 
 
 def remove_library(library: Library) -> dict:

@@ -22,6 +22,17 @@ smart-playlist field: ``{"is": {"earmark_mood": "calm"}}``). Values are written 
 separate values (one per list item), so no ``Split`` is configured: a value never
 needs splitting, and splitting on "/" or "," could break one. Torch-free and
 Django-light: only the models, for the longest value a tag row holds.
+
+Tempo and key need no mapping: Navidrome's ``mappings.yaml`` already reads the standard
+fields Earmark writes them to (``NATIVE``): ``bpm`` (``TBPM``, ``BPM``, ``tmpo``; a main
+tag, stored as a whole number, the smart-playlist field ``bpm`` with ``inTheRange``,
+``gt`` and ``lt``) and ``key`` (``TKEY``, ``KEY``, ``----:com.apple.iTunes:initialKey``; an
+additional tag, the field ``key``, in the library's notation), and ReplayGain (the
+fields ``rgtrackgain`` … ``rgalbumpeak``). Those fields follow the library's standard-tags
+policy, so they may hold the user's own values. The snippet adds Earmark's exact values
+from its namespace (``FEATURE_TAGS``): ``earmark_key`` ("A minor", whatever the notation,
+which the key playlists match) and ``earmark_bpm`` (the tempo to a tenth of a beat, a
+``float`` tag for the song's details).
 """
 from __future__ import annotations
 
@@ -39,6 +50,12 @@ ITUNES_FREEFORM = "----:com.apple.iTunes:"  # dropped from freeform atom names b
 ALBUM_LEVEL = frozenset({GENRE, MOOD, ERA})
 MIN_VERSION = "0.55.0"  # the first Navidrome with configurable tags ("Tags" in navidrome.toml)
 DOCS = "https://www.navidrome.org/docs/usage/configuration/custom-tags/"
+#: What Navidrome's own resources/mappings.yaml reads for tempo and key (lower-cased TagLib names): the standard
+#: fields Earmark writes them to (``workers.tagfiles.standard``) need no snippet.
+NATIVE = {"bpm": ("tbpm", "bpm", "tmpo", "wm/beatsperminute"),
+          "key": ("tkey", "key", "----:com.apple.itunes:initialkey", "wm/initialkey")}
+#: Earmark's own keys for the exact values (``measures.namespace_fields``): (key, Navidrome tag type, max length).
+FEATURE_TAGS = (("bpm", "float", 16), ("key", "string", 16))
 
 
 @dataclass(frozen=True)
@@ -70,10 +87,12 @@ def seen_names(key: str) -> dict[str, str]:
 
 
 def tags() -> list[NavidromeTag]:
-    """The snippet's tags, one per category, in ``CATEGORIES`` order."""
+    """The snippet's tags, one per category in ``CATEGORIES`` order, then Earmark's exact BPM and key."""
     max_length = TrackTag._meta.get_field("value").max_length
-    return [NavidromeTag(category, tag_name(category), seen_names(category), category in ALBUM_LEVEL, max_length)
-            for category in CATEGORIES]
+    return [*(NavidromeTag(category, tag_name(category), seen_names(category), category in ALBUM_LEVEL, max_length)
+              for category in CATEGORIES),
+            *(NavidromeTag(key, tag_name(key), seen_names(key), False, length, kind)
+              for key, kind, length in FEATURE_TAGS)]
 
 
 def _toml_string(text: str) -> str:
@@ -96,6 +115,10 @@ def snippet() -> str:
         "#",
         "# Genre and mood are also written to the standard fields (per the library's standard-tags policy),",
         "# which Navidrome maps natively to its own genre and mood; these tags hold everything Earmark heard.",
+        "# So are tempo, key and ReplayGain, which Navidrome reads natively too: BPM (TBPM, BPM, tmpo) as the",
+        "# smart-playlist field \"bpm\" (e.g. {\"inTheRange\": {\"bpm\": [120, 129]}}), the key (TKEY, KEY,",
+        "# initialkey, in the library's notation) as \"key\", and the gains as \"rgtrackgain\" and \"rgalbumgain\".",
+        "# earmark_key (\"A minor\" in any notation) and earmark_bpm (to a tenth of a beat) are Earmark's exact values.",
         "# Aliases are the names Navidrome gives Earmark's keys: the TXXX description in ID3",
         "# (MP3, WAV, AIFF), the freeform name without '----:com.apple.iTunes:' in MP4, the",
         "# comment name in Vorbis comments (FLAC, Ogg, Opus).",

@@ -21,6 +21,8 @@ class Command(BaseCommand):
         add.add_argument("--no-scan", dest="scan_now", action="store_false", help="Do not queue a scan now.")
         add.add_argument("--standard-tags", default=Library.StandardTags.FILL_EMPTY,
                          choices=Library.StandardTags.values, help="What goes into the standard genre and mood.")
+        add.add_argument("--key-notation", default=Library.KeyNotation.STANDARD, choices=Library.KeyNotation.values,
+                         help="The standard key field's notation: standard (Am), camelot (8A) or open (1m).")
         change = sub.add_parser("set", help="Change a library's settings (tags change at the next tagging).")
         change.add_argument("name")
         change.add_argument("--write-mode", choices=Library.WriteMode.values)
@@ -30,6 +32,8 @@ class Command(BaseCommand):
         change.add_argument("--id3v23-separator", help="Joins several values in ID3v2.3 files (default /).")
         change.add_argument("--analysis", choices=Library.Analysis.values,
                             help="fast (default): stop scoring a file once its tags are settled; full: every patch.")
+        change.add_argument("--key-notation", choices=Library.KeyNotation.values,
+                            help="The standard key field's notation: standard (Am), camelot (8A) or open (1m).")
         remove = sub.add_parser("remove", help="Forget a library: cancel its jobs, delete its rows (not its files).")
         remove.add_argument("name")
         sub.add_parser("list", help="One line per library.")
@@ -40,9 +44,10 @@ class Command(BaseCommand):
     def handle(self, *args, action, **options):
         getattr(self, f"do_{action}")(**options)
 
-    def do_add(self, name, path, write_mode, scan_now=True, standard_tags=Library.StandardTags.FILL_EMPTY, **_):
+    def do_add(self, name, path, write_mode, scan_now=True, standard_tags=Library.StandardTags.FILL_EMPTY,
+               key_notation=Library.KeyNotation.STANDARD, **_):
         try:
-            lib = add_library(name, path, write_mode, standard_tags)
+            lib = add_library(name, path, write_mode, standard_tags, key_notation=key_notation)
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None
         self.stdout.write(f"added library {lib.name} at {lib.root}")
@@ -51,14 +56,15 @@ class Command(BaseCommand):
             self.stdout.write("scan queued (the scanners start on it at once; `manage.py scan` waits for it)")
 
     def do_set(self, name, write_mode=None, standard_tags=None, standard_limit=(), id3v23_separator=None,
-               analysis=None, **_):
+               analysis=None, key_notation=None, **_):
         lib = Library.objects.filter(name=name).first()
         if lib is None:
             raise CommandError(f"no library named {name!r}")
         try:
             changed = update_library(lib, write_mode=write_mode, standard_tags=standard_tags,
                                      limits=dict(_limit(item) for item in standard_limit),
-                                     id3v23_separator=id3v23_separator, analysis=analysis)
+                                     id3v23_separator=id3v23_separator, analysis=analysis,
+                                     key_notation=key_notation)
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None
         self.stdout.write(f"{lib.name}: " + (", ".join(f"{k} = {v}" for k, v in changed.items()) or "nothing changed"))
