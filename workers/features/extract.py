@@ -124,6 +124,12 @@ class FeatureAnalyzer:
             album_data=lo.histogram, reasons=reasons)
 
 
+# Tempo and key look at the first five minutes, loudness at all of it: a longer track's tempo and
+# key are rarely one value (a DJ mix, a suite), and an hour's onset envelope and chroma would cost
+# ~150 MB at the end of the file; five minutes covers any intro.
+TONAL_SECONDS = 300.0
+
+
 class StreamMeasure:
     """A decoder's native-rate sink (``measure(samples, rate)``) that never breaks the decode it rides on.
 
@@ -149,7 +155,7 @@ class StreamMeasure:
         try:
             here = (int(rate), samples.shape[1])
             if self.analyzer is None:
-                self.analyzer, self.format = FeatureAnalyzer(*here), here
+                self.analyzer, self.format = FeatureAnalyzer(*here, tonal_seconds=TONAL_SECONDS), here
             elif here != self.format:
                 self.failure = (f"not measurable: the stream changes from {self.format[0]} Hz, {self.format[1]} "
                                 f"channels to {here[0]} Hz, {here[1]} channels mid-way")
