@@ -31,3 +31,5 @@ export EARMARK_TAGGER_AUTOSTART="${EARMARK_TAGGER_AUTOSTART:-true}"
 # Recalibrators rewrite tags from stored scores (no torch): cheap, CPU light.
 export EARMARK_RECALIBRATORS="${EARMARK_RECALIBRATORS:-2}"
 export EARMARK_RECALIBRATOR_AUTOSTART="${EARMARK_RECALIBRATOR_AUTOSTART:-true}"
+# The library watcher (one per host): new and changed files are scanned by themselves.
+export EARMARK_WATCHER_AUTOSTART="${EARMARK_WATCHER_AUTOSTART:-true}"

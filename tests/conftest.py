@@ -166,7 +166,7 @@ def drain_scans(limit: int | None = None) -> list:
 
 #: The library form's standard-field settings at their defaults, as the admin's form posts them.
 STANDARD_FORM = {"standard_tags": "fill-empty", "standard_limits": '{"genre": 2, "mood": 2}', "id3v23_separator": "/",
-                 "analysis": "fast"}
+                 "analysis": "fast", "key_notation": "standard", "watch": "auto", "poll_seconds": "300"}
 
 
 def category_tags(fields: dict) -> dict:

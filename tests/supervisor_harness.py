@@ -24,6 +24,7 @@ class Supervisor:
             EARMARK_WEB_AUTOSTART="false",
             EARMARK_TAGGER_AUTOSTART="false",
             EARMARK_RECALIBRATOR_AUTOSTART="false",
+            EARMARK_WATCHER_AUTOSTART="false",
             EARMARK_PYTHON=str(Path(os.sys.executable)),
         )
         self.env.update({k: str(v) for k, v in overrides.items()})

@@ -8,8 +8,8 @@ from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
-from workers.admin.common import ADMIN_PRIORITY, json_block
-from workers.library import libraries, scan
+from workers.admin.common import ADMIN_PRIORITY, json_block, table
+from workers.library import libraries, scan, watch
 from workers.live import eta, plots
 from workers.models import Library, Track
 
@@ -18,7 +18,7 @@ class LibraryForm(forms.ModelForm):
     class Meta:
         model = Library
         fields = ["name", "root", "enabled", "write_mode", "analysis", "standard_tags", "standard_limits",
-                  "id3v23_separator"]
+                  "id3v23_separator", "key_notation", "watch", "poll_seconds"]
 
     def clean_root(self):
         """An existing directory, stored resolved (the same check as ``library add``)."""
@@ -38,11 +38,14 @@ class LibraryAdmin(admin.ModelAdmin):
     list_filter = ["enabled", "write_mode", "analysis", "standard_tags"]
     search_fields = ["name", "root"]
     actions = ["scan", "full_scan"]
-    readonly_fields = ["tag_preview", "scan_progress", "last_scan_at", "last_scan_error", "distribution"]
+    readonly_fields = ["tag_preview", "scan_progress", "last_scan_at", "last_scan_error", "distribution", "watch_status"]
     fieldsets = [
         (None, {"fields": ["name", "root", "enabled", "write_mode", "analysis"]}),
         ("Standard fields (genre and mood where players look)",
          {"fields": ["standard_tags", "standard_limits", "id3v23_separator", "tag_preview"]}),
+        ("Tempo, key and loudness (BPM, key and ReplayGain fields)", {"fields": ["key_notation"]}),
+        ("Watching (new and changed files are scanned by themselves)",
+         {"fields": ["watch", "poll_seconds", "watch_status"]}),
         ("Scans", {"fields": ["scan_progress", "last_scan_at", "last_scan_error"]}),
         ("Distribution", {"fields": ["distribution"]}),
     ]
@@ -92,6 +95,18 @@ class LibraryAdmin(admin.ModelAdmin):
         p = scan.progress(obj)
         left = eta.scan_text(p)
         return format_html("<p>{}</p>{}", left, json_block(p)) if left else json_block(p)
+
+    @admin.display(description="watcher")
+    def watch_status(self, obj):
+        """Each host's watcher (``run_watcher``): how it watches this library and why, and what it last saw."""
+        rows = watch.statuses(obj) if obj.pk else []
+        if not rows:
+            return "no watcher has reported on this library (is the watcher program running?)"
+        return table(["host", "mode", "why", "folders", "last event", "last poll", "folders queued", "problem",
+                      "reported"],
+                     [[r.get("host"), f"{r.get('mode')} ({r.get('state')})", r.get("reason"), r.get("folders"),
+                       r.get("last_event") or "—", r.get("last_poll") or "—", r.get("folders_queued", 0),
+                       r.get("error") or r.get("missed") or "—", r.get("updated_at")] for r in rows])
 
     @admin.display(description="tracks per value")
     def distribution(self, obj):
