@@ -24,7 +24,7 @@ from . import tempo as tempo_mod
 from .frontend import Decimator, to_mono
 
 # Bumped whenever a method, a threshold or a profile changes, so stored features can be recomputed.
-FEATURES_VERSION = "1:bs1770-4+tp4x/flux-comb-prior120/chroma-kk-h5"
+FEATURES_VERSION = "2:bs1770-4+tp4x/tiltflux-sqrt-fraccomb-prior125-subdiv/chroma-kk-h5"
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ class Target:
 
     @property
     def folder_text(self) -> str:
-        return _text(self.folder)
+        return paths.to_text(self.folder)
 
 
 def enqueue_paths(paths: list[str | bytes], libraries=None, priority: int = DEFAULT_PRIORITY,
@@ -74,7 +74,7 @@ def submit(given: list[str | bytes], libraries=None, priority: int = DEFAULT_PRI
         raw = os.fsencode(raw)
         found = checker.check(raw)
         ok = isinstance(found, Target)
-        outcomes.append(Outcome(_text(raw), ok, "" if ok else found))
+        outcomes.append(Outcome(paths.to_text(raw), ok, "" if ok else found))
         targets.append(found if ok else None)
     good = [t for t in targets if t is not None]
     jobs, covering = _plan(good, priority, reason)
@@ -99,7 +99,7 @@ def _plan(good: list[Target], priority: int, reason: str) -> tuple[dict, dict]:
     for t in good:
         cover = _covering_tree(t, trees)
         if cover is not None:
-            key = targeted.job_key(t.library.id, [_text(cover)], True)
+            key = targeted.job_key(t.library.id, [paths.to_text(cover)], True)
         else:
             folder_text = t.folder_text
             key = targeted.job_key(t.library.id, [folder_text], t.recursive)
@@ -200,7 +200,7 @@ class Checker:
         error = _not_audio(entry, st)
         if error:
             return error
-        return Target(library, root, os.path.dirname(entry), False, _text(entry))
+        return Target(library, root, os.path.dirname(entry), False, paths.to_text(entry))
 
     def _real(self, folder: bytes) -> bytes:
         real = self._dirs.get(folder)
@@ -242,15 +242,6 @@ def _not_audio(entry: bytes, st: os.stat_result) -> str:
             return f"the file is not audio: {reason.removeprefix('not audio: ')}"
         return f"the file is not usable audio: {reason}"
     return ""
-
-
-def _text(path: bytes) -> str:
-    """``paths.to_text``, quicker for the usual name (valid UTF-8, no backslash): a burst names thousands."""
-    try:
-        text = path.decode("utf-8")
-    except UnicodeDecodeError:
-        return paths.to_text(path)
-    return paths.to_text(path) if "\\" in text else text
 
 
 def _strerror(exc: OSError) -> str:

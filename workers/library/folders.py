@@ -123,7 +123,7 @@ def read_folder(library: Library, folder: bytes, gen: int, full: bool, progress=
     if not inside and not paths.is_within(os.path.realpath(folder), root):
         raise PermanentError(f"{paths.to_text(folder)} is outside the library root {library.root}")
     result = FolderResult()
-    folder_text = _text(folder)
+    folder_text = paths.to_text(folder)
     writes = FolderWrites(folder_text)
     try:
         entries = list(os.scandir(folder))
@@ -168,7 +168,7 @@ def read_folder(library: Library, folder: bytes, gen: int, full: bool, progress=
     if model_version is _UNSET:
         model_version = current_model_version()
     for i, (entry, kind) in enumerate(files):
-        text = _text(entry.path)
+        text = paths.to_text(entry.path)
         writes.seen.append(text)
         track = _scan_file(library, entry.path, text, kind, known.get(text), folder_text, gen, full, result, writes)
         if track is not None and _needs_tagging(track, model_version) and not getattr(track, "has_tag_job", False):
@@ -230,22 +230,11 @@ def finish_writes(library: Library, seen_ids: list[int], tag: list, gen: int) ->
                                             priority=TAG_PRIORITY) for t in tag])
 
 
-def _text(path: bytes) -> str:
-    """``paths.to_text``, with a fast way for the usual name: valid UTF-8 without a backslash (same result)."""
-    try:
-        text = path.decode("utf-8")
-    except UnicodeDecodeError:
-        return paths.to_text(path)
-    return paths.to_text(path) if "\\" in text else text
-
-
-
-
 def _remove_dead_clones(folder: bytes) -> None:
     """Delete the clones left in ``folder`` by tag writers that died mid-write (a SIGKILL, a power cut)."""
     removed = remove_stale_temp_files(folder)
     if removed:
-        log.info("removed %d temporary file(s) left by dead tag writers in %s", removed, _text(folder))
+        log.info("removed %d temporary file(s) left by dead tag writers in %s", removed, paths.to_text(folder))
 
 
 def _classify(entry: os.DirEntry, root: bytes) -> str | None:

@@ -12,9 +12,12 @@ import os
 
 def to_text(path: bytes | str) -> str:
     raw = os.fsencode(path)
-    text = raw.decode("utf-8", "surrogateescape")
-    if "\\" not in text and not any("\udc80" <= ch <= "\udcff" for ch in text):
-        return text
+    try:  # the usual name, valid UTF-8 without a backslash, is itself (a scan or a burst names thousands)
+        text = raw.decode("utf-8")
+        if "\\" not in text:
+            return text
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", "surrogateescape")
     out = []
     for ch in text:
         if ch == "\\":
