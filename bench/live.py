@@ -313,6 +313,9 @@ def main(argv=None) -> int:
         from django.contrib.auth import get_user_model
 
         user = get_user_model().objects.create_user("bench", password="bench", is_staff=True)
+        from workers.live.views import ensure_groups
+
+        user.groups.add(ensure_groups()["viewer"])  # /events/ needs workers.view_dashboard
         server = WebServer(env, ws.log_dir / "web.log").start()
         client = SSEClient(server.port, session_cookie(user))
         try:

@@ -48,3 +48,7 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
+# The login's rate limit is off here: tests log in (``client.login``) far more than 5 times, and
+# axes' backend needs a request that ``Client.login`` does not pass. tests/live/test_permissions.py
+# switches it on to show the lockout.
+AXES_ENABLED = False

@@ -312,7 +312,11 @@ def test_two_hosts_share_one_database_and_a_dead_hosts_jobs_come_back(worker_env
     hosts = {name: Supervisor(dict(worker_env, EARMARK_HOSTNAME=name), tmp_path / name, EARMARK_SCANNERS=2)
              for name in ("host-a", "host-b")}
     web = WebServer(worker_env, tmp_path / "web.log")
-    cookie = session_cookie(django_user_model.objects.create_user("staff", password="pw", is_staff=True))
+    from workers.live.views import VIEW_PERMISSION, permission
+
+    staff = django_user_model.objects.create_user("staff", password="pw", is_staff=True)
+    staff.user_permissions.add(permission(VIEW_PERMISSION))
+    cookie = session_cookie(staff)
     client = None
     try:
         for sup in hosts.values():

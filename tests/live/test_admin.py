@@ -13,7 +13,7 @@ from workers.jobs import queue
 from workers.live.channels import StaffChannelManager
 from workers.library.libraries import add_library
 from workers.models import Job, Library, Meta, Score, Track
-from workers.live.views import control_permission
+from workers.live.views import VIEW_PERMISSION, control_permission, permission
 
 from tests.conftest import STANDARD_FORM, wait_for
 from tests.supervisor_harness import Supervisor
@@ -23,7 +23,10 @@ EVENTS = "/events/?channel=workers&channel=queues&channel=jobs"
 
 @pytest.fixture
 def staff(django_user_model):
-    return django_user_model.objects.create_user("staff", password="pw", is_staff=True)
+    """Staff who may look at the dashboard (``workers.view_dashboard``) and nothing more."""
+    user = django_user_model.objects.create_user("staff", password="pw", is_staff=True)
+    user.user_permissions.add(permission(VIEW_PERMISSION))
+    return django_user_model.objects.get(id=user.id)
 
 
 @pytest.fixture
@@ -86,7 +89,8 @@ def test_channel_manager_is_the_second_wall(staff, django_user_model):
     inactive = django_user_model.objects.create_user("gone", password="pw", is_staff=True, is_active=False)
     assert all(manager.can_read_channel(staff, c) for c in snapshots.CHANNELS)
     assert not manager.can_read_channel(staff, "secrets")
-    for user in (None, plain, inactive):
+    nobody = django_user_model.objects.create_user("nobody", password="pw", is_staff=True)  # no view_dashboard
+    for user in (None, plain, inactive, nobody):
         assert not any(manager.can_read_channel(user, c) for c in snapshots.CHANNELS)
 
 
@@ -261,6 +265,7 @@ def test_plots_page_counts_formats_until_something_is_tagged(staff_client, libra
 def test_supervisor_table_and_control_through_the_real_socket(worker_env, tmp_path, django_user_model):
     sup = Supervisor(worker_env, tmp_path / "sup", EARMARK_SCANNERS=1).start()
     staff = django_user_model.objects.create_user("op", password="pw", is_staff=True)
+    staff.user_permissions.add(permission(VIEW_PERMISSION))
     client = Client(enforce_csrf_checks=True)
     client.force_login(staff)
     try:

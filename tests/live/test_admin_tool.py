@@ -161,8 +161,11 @@ def test_failures_are_grouped_by_reason_with_counts_and_can_be_retried_or_ignore
     assert "quarantined" in admin_client.get(FAILURES).content.decode()
 
 
-def test_the_failures_page_is_for_staff_and_acting_needs_the_change_permission(library, django_user_model):
+def test_the_failures_page_is_for_viewers_and_acting_needs_operate_queues(library, django_user_model):
+    from workers.live.views import ensure_groups
+
     viewer = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
+    viewer.groups.add(ensure_groups()["viewer"])
     anonymous = Client()
     assert anonymous.get(FAILURES).status_code == 302, "sent to the login page"
     c = Client()
@@ -171,7 +174,8 @@ def test_the_failures_page_is_for_staff_and_acting_needs_the_change_permission(l
     assert page.status_code == 200 and 'name="group"' not in page.content.decode()
     queue.enqueue("scan", "folder:y", {"kind": "folder"}, library_id=library.id)
     Job.objects.filter(key="folder:y").update(state="failed", last_error="boom")
-    c.post(FAILURES, {"action": "retry", "group": [g.key for g in failures.groups()]})
+    refused = c.post(FAILURES, {"action": "retry", "group": [g.key for g in failures.groups()]})
+    assert refused.status_code == 403
     assert Job.objects.get(key="folder:y").state == "failed", "a viewer cannot retry"
 
 
@@ -232,7 +236,10 @@ def test_the_dashboard_pauses_resumes_retries_and_cancels_per_queue(admin_client
     assert set(Job.objects.values_list("state", flat=True)) == {"cancelled"}
     admin_client.post(steer, {"action": "retry:tag", "csrfmiddlewaretoken": token})
     assert set(Job.objects.values_list("state", flat=True)) == {"queued"}
+    from workers.live.views import ensure_groups
+
     viewer = django_user_model.objects.create_user("viewer2", password="pw", is_staff=True)
+    viewer.groups.add(ensure_groups()["viewer"])
     c = Client()
     c.force_login(viewer)
     assert 'value="pause:tag"' not in c.get("/admin/dashboard/").content.decode()

@@ -18,7 +18,7 @@ from workers.jobs import queue
 from workers.live import snapshots
 from workers.live.broker import Broker, ChannelState, diff
 from workers.models import Meta
-from workers.live.views import KEEP_ALIVE, _with_snapshots
+from workers.live.views import KEEP_ALIVE, VIEW_PERMISSION, _with_snapshots, permission
 
 from tests.conftest import spawn, wait_for
 
@@ -34,7 +34,9 @@ def server(worker_env, tmp_path):
 
 @pytest.fixture
 def cookie(django_user_model):
-    return session_cookie(django_user_model.objects.create_user("staff", password="pw", is_staff=True))
+    staff = django_user_model.objects.create_user("staff", password="pw", is_staff=True)
+    staff.user_permissions.add(permission(VIEW_PERMISSION))
+    return session_cookie(staff)
 
 
 def write_from_another_process(db_path: str, sql: str, params: list) -> None:

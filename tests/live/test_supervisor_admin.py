@@ -160,6 +160,10 @@ def test_numprocs_and_per_process_control_from_the_admin(worker_env, tmp_path, d
     staff = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
     operator = django_user_model.objects.create_user("op", password="pw", is_staff=True)
     operator.user_permissions.add(control_permission())
+    from workers.live.views import ensure_groups
+
+    for user in (staff, operator):  # both may look at the dashboard
+        user.groups.add(ensure_groups()["viewer"])
     plain, op = Client(enforce_csrf_checks=True), Client(enforce_csrf_checks=True)
     plain.force_login(staff)
     op.force_login(operator)

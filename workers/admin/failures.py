@@ -23,12 +23,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.shortcuts import redirect, render
 from django.utils import timezone
 
 from workers.admin.common import ADMIN_PRIORITY
 from workers.jobs import queue
 from workers.library import folders, scan
+from workers.live.views import OPERATE_PERMISSION, VIEW_PERMISSION, log_action
 from workers.models import Job, Library, Meta, Track
 
 IGNORED_KEY = "failures:ignored"
@@ -121,24 +123,31 @@ def retry(chosen: list[Group]) -> dict[str, int]:
 
 
 def failures_page(request):
-    """The page: the groups with their counts and examples, and the two actions on a selection."""
+    """The page: the groups with their counts and examples, and the two actions on a selection.
+
+    Looking needs ``workers.view_dashboard``; retry and ignore need ``workers.operate_queues`` (403 without).
+    """
+    if not request.user.has_perm(VIEW_PERMISSION):
+        raise PermissionDenied("the failures page needs the 'view dashboard' permission")
     if request.method == "POST":
-        if not request.user.has_perm("workers.change_job"):
-            messages.error(request, "You may look at failures but not retry or ignore them.")
-            return redirect("earmark-failures")
+        if not request.user.has_perm(OPERATE_PERMISSION):
+            raise PermissionDenied("retry and ignore need the 'operate queues' permission")
         by_key = {g.key: g for g in groups(include_ignored=True)}
         chosen = [by_key[k] for k in request.POST.getlist("group") if k in by_key]
         action = request.POST.get("action")
         if action == "unignore":
             unignore_all()
+            log_action(request, "unignore", "every ignored reason shown again", what="failures")
             messages.success(request, "Every ignored reason is shown again.")
         elif not chosen:
             messages.warning(request, "Choose at least one group first.")
         elif action == "retry":
             done = retry(chosen)
+            log_action(request, "retry", f"{len(chosen)} group(s): {done}", what="failures")
             messages.success(request, "Retried: " + (", ".join(f"{n} {what}" for what, n in done.items()) or "nothing"))
         elif action == "ignore":
             ignore([g.key for g in chosen])
+            log_action(request, "ignore", f"{len(chosen)} group(s)", what="failures")
             messages.success(request, f"Ignored {len(chosen)} group(s).")
         return redirect("earmark-failures")
     shown = groups()
@@ -148,6 +157,6 @@ def failures_page(request):
         "groups": shown,
         "total": sum(len(g.ids) for g in shown),
         "ignored": len(ignored_keys()),
-        "can_act": request.user.has_perm("workers.change_job"),
+        "can_act": request.user.has_perm(OPERATE_PERMISSION),
     }
     return render(request, "workers/failures.html", context)

@@ -5,6 +5,7 @@ from django.contrib import admin, messages
 
 from workers.admin.common import WorkerRows, json_block, pre, short
 from workers.jobs import queue
+from workers.live.views import log_action
 from workers.models import Job
 
 
@@ -44,10 +45,14 @@ class JobAdmin(WorkerRows, admin.ModelAdmin):
 
     @admin.action(description="Retry (failed or cancelled jobs)", permissions=["change"])
     def retry(self, request, queryset):
-        n = queue.retry(list(queryset.values_list("id", flat=True)))
+        ids = list(queryset.values_list("id", flat=True))
+        n = queue.retry(ids)
+        log_action(request, "retry", f"requeued {n} of {len(ids)} chosen job(s)", what="jobs")
         self.message_user(request, f"Requeued {n} job(s).", messages.SUCCESS)
 
     @admin.action(description="Cancel (queued jobs; running ones finish)", permissions=["change"])
     def cancel(self, request, queryset):
-        n = queue.cancel(list(queryset.values_list("id", flat=True)))
+        ids = list(queryset.values_list("id", flat=True))
+        n = queue.cancel(ids)
+        log_action(request, "cancel", f"cancelled {n} of {len(ids)} chosen job(s)", what="jobs")
         self.message_user(request, f"Cancelled {n} job(s).", messages.SUCCESS)

@@ -50,6 +50,29 @@ class LibraryAdmin(admin.ModelAdmin):
         ("Distribution", {"fields": ["distribution"]}),
     ]
 
+    # Adding, changing, deleting and scanning need ``workers.manage_libraries`` (migration 0009); looking needs
+    # the model's view permission or that one.
+    def _manages(self, request) -> bool:
+        return request.user.has_perm("workers.manage_libraries")
+
+    def has_view_permission(self, request, obj=None):
+        return super().has_view_permission(request, obj) or self._manages(request)
+
+    def has_add_permission(self, request):
+        return self._manages(request)
+
+    def has_change_permission(self, request, obj=None):
+        return self._manages(request)
+
+    def has_delete_permission(self, request, obj=None):
+        return self._manages(request)
+
+    def has_manage_permission(self, request):
+        return self._manages(request)
+
+    def has_module_permission(self, request):
+        return super().has_module_permission(request) or self._manages(request)
+
     def save_model(self, request, obj, form, change):
         """A library added here is scanned at once: adding it is asking for its music to be tagged."""
         super().save_model(request, obj, form, change)
@@ -119,18 +142,22 @@ class LibraryAdmin(admin.ModelAdmin):
 
     def _request_scans(self, request, queryset, full: bool):
         """Queues one scan per library and says which were already waiting, so a double click is harmless."""
-        queued = [lib.name for lib in queryset if scan.request_scan(lib, full=full, priority=ADMIN_PRIORITY)]
-        skipped = queryset.count() - len(queued)
         kind = "full scan" if full else "scan"
+        queued = []
+        for lib in queryset:
+            if scan.request_scan(lib, full=full, priority=ADMIN_PRIORITY):
+                queued.append(lib.name)
+                self.log_change(request, lib, f"{kind} queued")  # the admin's own log, with the user
+        skipped = queryset.count() - len(queued)
         if queued:
             self.message_user(request, f"Queued a {kind} of {', '.join(queued)}.", messages.SUCCESS)
         if skipped:
             self.message_user(request, f"{skipped} already had a scan queued or running.", messages.WARNING)
 
-    @admin.action(description="Scan (new and changed files)", permissions=["change"])
+    @admin.action(description="Scan (new and changed files)", permissions=["manage"])
     def scan(self, request, queryset):
         self._request_scans(request, queryset, full=False)
 
-    @admin.action(description="Full scan (re-read every file)", permissions=["change"])
+    @admin.action(description="Full scan (re-read every file)", permissions=["manage"])
     def full_scan(self, request, queryset):
         self._request_scans(request, queryset, full=True)

@@ -23,6 +23,7 @@ from workers.admin.track_filters import (CATEGORY_FILTERS, BpmFilter, FormatFilt
 from workers.jobs import queue
 from workers.library import paths
 from workers.live import plots
+from workers.live.views import log_action
 from workers.features import FEATURES_VERSION
 from workers.models import Library, Score, Track
 from workers.tagfiles.namespace import read_earmark_tags
@@ -198,6 +199,7 @@ class TrackAdmin(WorkerRows, admin.ModelAdmin):
                              track_id=t.id, library_id=t.library_id, priority=ADMIN_PRIORITY)
                 for t in queryset.only("id", "library_id")]
         created = queue.enqueue_many(queue_name, jobs)
+        log_action(request, queue_name, f"queued {created} job(s) for {len(jobs)} chosen track(s)", what="tracks")
         self.message_user(request, f"Queued {created} {queue_name} job(s); "
                                    f"{len(jobs) - created} already had one queued or running.", messages.SUCCESS)
 

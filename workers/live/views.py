@@ -9,12 +9,18 @@ that connects or reconnects starts from the truth and then applies deltas
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
+from importlib import import_module
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
 
 from django.contrib import admin, messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.core.exceptions import PermissionDenied
-from django.http import StreamingHttpResponse
+from django.http import HttpResponseForbidden, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
@@ -24,10 +30,22 @@ from django_eventstream.views import events as eventstream_events
 from workers.jobs import queue, registry
 from workers.live import numprocs, plots, snapshots, supervised, supervisor_client
 from workers.live.broker import EVENT_SNAPSHOT, Broker, get_broker
-from workers.live.channels import StaffChannelManager
+from workers.live.channels import READ_PERMISSION, StaffChannelManager
 from workers.models import Library, Track
 
+#: The admin's permissions (migration 0009; ``control_supervisor`` from 0004), all on the Meta content type.
+VIEW_PERMISSION = READ_PERMISSION  # workers.view_dashboard
+OPERATE_PERMISSION = "workers.operate_queues"
 CONTROL_PERMISSION = "workers.control_supervisor"
+MANAGE_LIBRARIES_PERMISSION = "workers.manage_libraries"
+PERMISSION_NAMES = {
+    VIEW_PERMISSION: "Can view the live dashboard, its plots and event stream",
+    OPERATE_PERMISSION: "Can pause, resume, retry and cancel queues and failures",
+    CONTROL_PERMISSION: "Can start, stop and restart supervisord programs",
+    MANAGE_LIBRARIES_PERMISSION: "Can add, change, delete and scan libraries",
+}
+#: How often an open stream checks again that its session still holds a user allowed to read it.
+RECHECK_SECONDS = 2.0
 KEEP_ALIVE = b"event: keep-alive\ndata:\n\n"
 log = logging.getLogger("earmark.admin")
 
@@ -35,26 +53,56 @@ log = logging.getLogger("earmark.admin")
 # --- the event stream ---------------------------------------------------------------
 
 
+def require_permission(perm: str):
+    """Django's ``permission_required`` for admin views: 403 (not a login redirect) for staff without ``perm``."""
+    def decorate(view):
+        @functools.wraps(view)
+        def wrapped(request, *args, **kwargs):
+            if not request.user.has_perm(perm):
+                raise PermissionDenied(f"needs the '{perm}' permission")
+            return view(request, *args, **kwargs)
+        return wrapped
+    return decorate
+
+
 @staff_member_required
 def events(request):
-    """``/events/?channel=workers&channel=queues&channel=jobs``: snapshots, then deltas."""
+    """``/events/?channel=workers&channel=queues&channel=jobs``: snapshots, then deltas (needs view_dashboard)."""
+    if not request.user.has_perm(VIEW_PERMISSION):
+        return HttpResponseForbidden("the event stream needs the 'view dashboard' permission")
     broker = get_broker()
     response = eventstream_events(request)
     channels = sorted(StaffChannelManager().get_channels_for_request(request, {}))
     if isinstance(response, StreamingHttpResponse) and response.is_async and channels:
-        response.streaming_content = _with_snapshots(response.streaming_content, broker, channels)
+        allowed = functools.partial(still_allowed, request.session.session_key, request.user.pk)
+        response.streaming_content = _with_snapshots(response.streaming_content, broker, channels, allowed)
     return response
 
 
-async def _with_snapshots(stream, broker: Broker, channels: list[str]):
+def still_allowed(session_key: str | None, user_id) -> bool:
+    """Whether the stream's session still holds its user, active staff with view_dashboard (read afresh)."""
+    from django.contrib.auth import get_user
+
+    if not session_key:
+        return False
+    holder = type("SessionHolder", (), {})()
+    holder.session = import_module(settings.SESSION_ENGINE).SessionStore(session_key)
+    user = get_user(holder)  # checks the session's auth hash too: a changed password logs out
+    return bool(user.is_authenticated and user.pk == user_id and user.is_active and user.is_staff
+                and user.has_perm(VIEW_PERMISSION))
+
+
+async def _with_snapshots(stream, broker: Broker, channels: list[str], allowed=None):
     """Pass django-eventstream's stream through, adding snapshots after it opens and seqs to keep-alives.
 
     The snapshots are taken after the stream's listener is registered, so no
-    delta that follows them can miss this client unnoticed.
+    delta that follows them can miss this client unnoticed. Every
+    ``RECHECK_SECONDS`` ``allowed()`` is asked again (in a thread); when the
+    user has logged out, been deactivated or lost the permission, the stream ends.
     """
     try:
         opened = False
-        async for chunk in stream:
+        async for chunk in _rechecked(stream, allowed):
             if not opened:
                 opened = True
                 yield chunk
@@ -66,6 +114,52 @@ async def _with_snapshots(stream, broker: Broker, channels: list[str]):
                 yield chunk
     finally:
         await stream.aclose()
+
+
+async def _rechecked(stream, allowed):
+    """``stream``'s chunks, ending as soon as ``allowed()`` (asked every RECHECK_SECONDS) says no."""
+    if allowed is None:
+        async for chunk in stream:
+            yield chunk
+        return
+    def in_thread() -> bool:
+        from django.db import connections
+
+        try:
+            return allowed()
+        except Exception:  # noqa: BLE001 - fail closed: the client reconnects and is checked afresh
+            log.exception("event stream: could not check its user; closing it")
+            return False
+        finally:
+            connections.close_all()  # this thread's connections only; the pool thread may be anyone's next
+
+    check = sync_to_async(in_thread, thread_sensitive=False)
+    pending = None
+    next_check = time.monotonic() + RECHECK_SECONDS
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(stream.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=max(0.0, next_check - time.monotonic()))
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + RECHECK_SECONDS
+                if not await check():
+                    log.info("event stream closed: its session's user may no longer read it")
+                    return
+            if done:
+                try:
+                    chunk = pending.result()
+                except StopAsyncIteration:
+                    return
+                pending = None
+                yield chunk
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            try:
+                await pending
+            except (asyncio.CancelledError, StopAsyncIteration, Exception):  # noqa: BLE001 - closing anyway
+                pass
 
 
 def _snapshot_events(broker: Broker, channels: list[str]) -> bytes:
@@ -97,11 +191,13 @@ def supervisor_context(user) -> dict:
             "numprocs_file": numprocs.conf_path()}
 
 
+@require_permission(VIEW_PERMISSION)
 def supervisor_table(request):
     """The supervisor section alone, which the dashboard reads again every few seconds."""
     return render(request, "workers/supervisor.html", supervisor_context(request.user))
 
 
+@require_permission(VIEW_PERMISSION)
 def dashboard(request):
     """Queues, throughput, workers, scans and failures, live; supervisord's processes as of loading."""
     initial = {name: {"channel": name, "seq": None, "state": snap.state}
@@ -120,8 +216,8 @@ def dashboard(request):
     return render(request, "workers/dashboard.html", context)
 
 
-#: Who may pause, resume, retry and cancel from the dashboard: those who may do it on the Job pages.
-STEER_PERMISSION = "workers.change_job"
+#: Who may pause, resume, retry and cancel from the dashboard (and retry or ignore failures).
+STEER_PERMISSION = OPERATE_PERMISSION
 QUEUE_ACTIONS = {"pause": queue.pause, "resume": queue.resume,
                  "retry": lambda name: queue.retry(queue=name), "cancel": lambda name: queue.cancel(queue=name)}
 
@@ -136,10 +232,13 @@ def queue_control(request):
         messages.error(request, "Unknown queue action.")
         return redirect("earmark-dashboard")
     n = QUEUE_ACTIONS[action](name)
+    done = f"{action}" + (f": {n} job(s)" if isinstance(n, int) else "")
+    log_action(request, name, done, what="queue")
     messages.success(request, f"{action} {name}" + (f": {n} job(s)" if isinstance(n, int) else "") + ".")
     return redirect("earmark-dashboard")
 
 
+@require_permission(VIEW_PERMISSION)
 def plots_page(request):
     """The distribution of tags (or, before tagging, of formats and states) per library and overall."""
     library_id = request.GET.get("library")
@@ -158,26 +257,46 @@ def plots_page(request):
 # --- supervisor control ------------------------------------------------------------
 
 
-def control_permission():
-    """The permission row, created if missing (migration 0004 makes it; a test flush removes it)."""
+def permission(perm: str):
+    """One of the admin's permission rows, created if missing (migrations 0004 and 0009; a test flush removes them)."""
     from django.contrib.auth.models import Permission
     from django.contrib.contenttypes.models import ContentType
 
     from workers.models import Meta
 
-    app_label, codename = CONTROL_PERMISSION.split(".")
+    app_label, codename = perm.split(".")
     return Permission.objects.get_or_create(
         content_type=ContentType.objects.get_for_model(Meta), codename=codename,
-        defaults={"name": "Can start, stop and restart supervisord programs"})[0]
+        defaults={"name": PERMISSION_NAMES[perm]})[0]
 
 
-def log_action(request, target: str, message: str) -> None:
-    """Record what a person did to supervisord in the admin's log (its "Recent actions", with the user) and the log."""
+def control_permission():
+    return permission(CONTROL_PERMISSION)
+
+
+def ensure_groups() -> dict:
+    """The permissions and the ``viewer`` and ``operator`` groups as migration 0009 makes them (a flush removes them)."""
+    from django.apps import apps
+    from django.contrib.auth.models import Group
+
+    migration = import_module("workers.migrations.0009_admin_permissions")
+    migration.create(apps, None)
+    return {g.name: g for g in Group.objects.filter(name__in=migration.GROUPS)}
+
+
+def log_action(request, target: str, message: str, what: str = "supervisor") -> None:
+    """Record what a person did in the admin's log ("Recent actions", with the user) and the ``earmark.admin`` log.
+
+    One entry per action, written ``what: target`` (``supervisor: scanner:scanner_00``, ``queue: tag``,
+    ``failures: retry``, ``jobs: cancel``): the dashboard's controls and the bulk actions, which
+    Django's admin does not log itself.
+    """
     from django.contrib.admin.models import CHANGE, LogEntry
 
+    label = f"{what}: {target}"
     LogEntry.objects.create(user_id=request.user.pk, content_type=None, object_id=None,
-                            object_repr=f"supervisor: {target}"[:200], action_flag=CHANGE, change_message=message)
-    log.info("%s: supervisor %s: %s", request.user.get_username(), target, message)
+                            object_repr=label[:200], action_flag=CHANGE, change_message=message)
+    log.info("%s: %s: %s", request.user.get_username(), label, message)
 
 
 @require_POST
