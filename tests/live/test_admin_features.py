@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import pytest
-from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 from django.db import connection
@@ -22,17 +21,6 @@ from workers.tagging import feature_groups
 pytestmark = pytest.mark.django_db
 
 URL = "/admin/workers/track/"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_counts():
-    cache.clear()
-
-
-@pytest.fixture
-def library(tmp_path):
-    (tmp_path / "music").mkdir()
-    return add_library("music", str(tmp_path / "music"))
 
 
 def measured(library, name: str, bpm=None, key="", lufs=None, **more) -> Track:

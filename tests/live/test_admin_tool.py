@@ -4,12 +4,10 @@ leaves behind), and libraries that scan when added and take their jobs and rows 
 from __future__ import annotations
 
 import pytest
-from django.core.cache import cache
 from django.test import Client
 from django.utils import timezone
 
 from tests.conftest import STANDARD_FORM
-from workers.library.libraries import add_library
 from workers.admin import failures
 from workers.jobs import queue
 from workers.models import Job, Library, Meta, Score, Track, TrackTag
@@ -19,18 +17,6 @@ from workers.tagging.tagset import build_tags
 pytestmark = pytest.mark.django_db
 
 URL = "/admin/workers/track/"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_counts():
-    """The sidebar's counts are cached for a minute; every test starts without them."""
-    cache.clear()
-
-
-@pytest.fixture
-def library(tmp_path):
-    (tmp_path / "music").mkdir()
-    return add_library("music", str(tmp_path / "music"))
 
 
 def tagged(library, name: str, **categories: list[tuple[str, float]]) -> Track:

@@ -12,17 +12,10 @@ from django.utils import timezone
 from tests.conftest import STANDARD_FORM
 from workers.jobs import queue
 from workers.library import scan
-from workers.library.libraries import add_library
 from workers.live import eta, snapshots
 from workers.models import Job, Library, Meta
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def library(tmp_path):
-    (tmp_path / "music").mkdir()
-    return add_library("music", str(tmp_path / "music"))
 
 
 def running_scan(library, done: int, total: int, minutes_ago: float, state: str = "running") -> None:
