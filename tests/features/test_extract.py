@@ -47,6 +47,27 @@ def test_streaming_equals_one_array_and_json_round_trips():
     assert album([parts, whole]).integrated_lufs == pytest.approx(parts.loudness_lufs, abs=0.05)
 
 
+def test_a_decoders_planes_frame_by_frame_measure_as_one_array():
+    """StreamMeasure, fed one float32 array per channel as the decoder hands them (1,152-frame MP3 frames)."""
+    from workers.features.extract import StreamMeasure
+
+    x = _music(44100, 2, seconds=10.0).astype(np.float32)
+    whole = analyze(x, 44100).to_json()
+    measure = StreamMeasure()
+    for i in range(0, len(x), 1152):
+        measure([x[i:i + 1152, c].copy() for c in range(2)], 44100)
+    parts = measure.result()
+    assert parts["loudness_lufs"] == whole["loudness_lufs"] and parts["true_peak"] == whole["true_peak"]
+    assert parts["key"] == whole["key"] and parts["bpm"] == pytest.approx(whole["bpm"], abs=0.05)
+
+
+def test_the_package_does_not_import_numba_until_it_measures():
+    """numba (~50 MB) is for measuring processes only: the web process imports the package for its version."""
+    code = ("import sys, workers.features; assert 'numba' not in sys.modules; "
+            "workers.features.loudness.LoudnessMeter(44100, 2); assert 'numba' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
 @pytest.mark.parametrize("case", ["silence", "two seconds", "clipping", "mono", "8 channels", "192 kHz",
                                   "int16", "nan", "empty", "1 kHz"])
 def test_bad_input_gives_a_value_or_a_reason(case):

@@ -150,3 +150,26 @@ def test_integer_samples_are_scaled_to_full_scale():
     x = synth.sine(997.0, 3.0, rate, -20.0, 2)
     as_int = np.round(x * 32767).astype(np.int16)
     assert L.measure(as_int, rate).integrated_lufs == pytest.approx(L.measure(x, rate).integrated_lufs, abs=0.01)
+
+
+@pytest.mark.parametrize("layout", ["float32 C", "float32 planar", "float64 C"])
+def test_the_compiled_k_weighting_is_scipys_filter_chunk_after_chunk(layout):
+    """kernels.kweighted_energy against scipy's sosfilt, its state carried over three uneven chunks."""
+    from scipy import signal
+
+    from workers.features.kernels import kweighted_energy
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((30_001, 2)) * 0.3
+    x = x.astype(np.float32) if layout.startswith("float32") else x
+    sos, weights = L.k_weighting_sos(44100), np.array([1.0, 1.41])
+    y, _ = signal.sosfilt(sos, x.astype(np.float64), axis=0, zi=np.zeros((2, 2, 2)))
+    state, energy, peak = np.zeros((2, 2, 2)), [], []
+    for part in np.split(x, [7, 20_000]):
+        part = np.asfortranarray(part) if layout.endswith("planar") else part  # the decoder's transposed planes
+        e, p = np.empty(len(part)), np.empty(len(part))
+        kweighted_energy(part, sos, state, weights, e, p)
+        energy.append(e)
+        peak.append(p)
+    np.testing.assert_allclose(np.concatenate(energy), np.square(y) @ weights, rtol=1e-9, atol=1e-15)
+    np.testing.assert_array_equal(np.concatenate(peak), np.abs(x).max(axis=1))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import av
 import numpy as np
 
-from workers.audio.frames import average_channels, float_format, native_samples
+from workers.audio.frames import average_channels, float_format, native_planes
 from workers.audio.diagnose import (
     AUDIO_SIGNATURES,
     DecodeError,
@@ -206,8 +206,8 @@ class StreamDecoder:
 
     def __init__(self, path: str | os.PathLike, target_sr: int = TARGET_SR,
                  chunk_seconds: float = 30.0, max_seconds: float | None = None, native_sink=None):
-        """``native_sink(samples, rate)``, when given, hears every decoded frame as it is, before
-        resampling: float32 ``(frames, channels)`` at the file's own rate (loudness and peaks
+        """``native_sink(planes, rate)``, when given, hears every decoded frame as it is, before
+        resampling: one float32 array per channel at the file's own rate (loudness and peaks
         must be measured there, not on the mono analysis signal), from the same demux."""
         self.native_sink = native_sink
         self.path = native(path)
@@ -282,7 +282,7 @@ class StreamDecoder:
                 for frame in frames:
                     self._account(frame)
                     if self.native_sink is not None:
-                        self.native_sink(native_samples(frame), frame.sample_rate)
+                        self.native_sink(native_planes(frame), frame.sample_rate)
                     yield frame
         except OSError as exc:
             raise os_error(exc) from None

@@ -21,6 +21,26 @@ def frame_array(frame) -> np.ndarray:
     return frame.to_ndarray()
 
 
+def float_planes(frame) -> list[np.ndarray] | None:
+    """The channels of a float planar frame as float32 views of its own buffers; None for other formats.
+
+    Read in place: PyAV's ``to_ndarray`` stacks the planes into a new array first, which on
+    MP3's 1,152-sample frames costs more than the work done with the samples.
+    """
+    if frame.format.name != "fltp" or len(frame.layout.channels) > MAX_PLANAR_CHANNELS:
+        return None
+    return [np.frombuffer(plane, dtype=np.float32, count=frame.samples) for plane in frame.planes]
+
+
+def native_planes(frame) -> list[np.ndarray]:
+    """A decoded frame as one float32 array per channel in [-1, 1], whatever its sample format."""
+    planes = float_planes(frame)
+    if planes is None:
+        x = native_samples(frame)
+        planes = [x[:, c] for c in range(x.shape[1])]
+    return planes
+
+
 def native_samples(frame) -> np.ndarray:
     """A decoded frame as float32 ``(frames, channels)`` in [-1, 1], whatever its sample format."""
     channels = len(frame.layout.channels)
@@ -43,7 +63,12 @@ def average_channels(frame) -> np.ndarray:
     """Plain mean over channels of a float frame (planar, or packed for 8+ channels): musicnn's idea of mono."""
     if not frame.format.is_planar:
         return frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1, dtype=np.float32)
-    planes = frame.to_ndarray()
-    if planes.shape[0] == 1:
-        return planes[0].astype(np.float32, copy=True)
-    return planes.mean(axis=0, dtype=np.float32)
+    planes = float_planes(frame)
+    if planes is None:
+        planes = list(frame.to_ndarray())
+    total = planes[0].astype(np.float32, copy=True)
+    for plane in planes[1:]:  # row after row, as numpy's mean over the first axis adds them
+        total += plane
+    if len(planes) > 1:
+        total /= np.float32(len(planes))
+    return total

@@ -9,7 +9,7 @@ tracker and key detector (decimated to ~11 kHz). ``result()`` gives ``Features``
 Anything not measurable is None with a sentence in ``reasons[name]`` ("loudness", "tempo",
 "key"): silence, a clip shorter than a 400 ms block (loudness), 6 s (tempo) or 3 s (key),
 no steady beat, no tonal centre. A clipped signal is measured as it is (``clipped`` says so).
-Imports numpy and scipy only.
+Imports numpy and scipy (and numba for the K-weighting, through ``kernels``).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 from . import key as key_mod
 from . import loudness as loud
 from . import tempo as tempo_mod
-from .frontend import Decimator, to_mono
+from .frontend import Decimator
 
 # Bumped whenever a method, a threshold or a profile changes, so stored features can be recomputed.
 FEATURES_VERSION = "2:bs1770-4+tp4x/tiltflux-sqrt-fraccomb-prior125-subdiv/chroma-kk-h5"
@@ -103,7 +103,7 @@ class FeatureAnalyzer:
                 return
             x = x[: self._tonal_left]
             self._tonal_left -= len(x)
-        low = self._decimator.process(to_mono(x))
+        low = self._decimator.process(x)
         self._tempo.add_decimated(low)
         self._key.add_decimated(low)
 
@@ -131,7 +131,7 @@ TONAL_SECONDS = 300.0
 
 
 class StreamMeasure:
-    """A decoder's native-rate sink (``measure(samples, rate)``) that never breaks the decode it rides on.
+    """A decoder's native-rate sink (``measure(planes, rate)``) that never breaks the decode it rides on.
 
     The analyzer starts at the first frame's rate and channel count. A stream
     that changes either mid-way, or anything the analyzer raises, ends the
@@ -148,20 +148,24 @@ class StreamMeasure:
         self.seconds = 0.0
         self.block, self.pending, self.count = block, [], 0
 
-    def __call__(self, samples: np.ndarray, rate: int) -> None:
+    def __call__(self, planes: list[np.ndarray], rate: int) -> None:
+        """One decoded frame: a float32 array per channel (``workers.audio.frames.native_planes``),
+        or a ``(frames, channels)`` array."""
         if self.failure:
             return
         started = time.perf_counter()
         try:
-            here = (int(rate), samples.shape[1])
+            if isinstance(planes, np.ndarray):
+                planes = list(np.asarray(planes, dtype=np.float32).reshape(len(planes), -1).T)
+            here = (int(rate), len(planes))
             if self.analyzer is None:
                 self.analyzer, self.format = FeatureAnalyzer(*here, tonal_seconds=TONAL_SECONDS), here
             elif here != self.format:
                 self.failure = (f"not measurable: the stream changes from {self.format[0]} Hz, {self.format[1]} "
                                 f"channels to {here[0]} Hz, {here[1]} channels mid-way")
                 return
-            self.pending.append(samples)
-            self.count += len(samples)
+            self.pending.append(planes)
+            self.count += len(planes[0])
             if self.count >= self.block:
                 self._flush()
         except Exception as exc:  # noqa: BLE001 - a measurement error is a reason, not a failed tag job
@@ -170,10 +174,13 @@ class StreamMeasure:
             self.seconds += time.perf_counter() - started
 
     def _flush(self) -> None:
+        """The pending frames as one (frames, channels) block: channel-major, handed over transposed."""
         if self.pending:
-            block = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
+            block = np.empty((self.format[1], self.count), dtype=np.float32)
+            for c, row in enumerate(block):
+                np.concatenate([planes[c] for planes in self.pending], out=row)
             self.pending, self.count = [], 0
-            self.analyzer.add(block)
+            self.analyzer.add(block.T)
 
     def result(self, complete: bool = True) -> dict:
         """``Features.to_json()``; or ``{"version", "reasons": {"all": why}}`` when nothing could be measured."""

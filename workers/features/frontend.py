@@ -22,44 +22,52 @@ def analysis_rate(rate: int) -> float:
     return rate / decimation(rate)
 
 
-def to_mono(chunk: np.ndarray) -> np.ndarray:
+def as_frames(chunk: np.ndarray) -> np.ndarray:
+    """A chunk as float32 ``(frames, channels)`` with no NaN or infinity (ints scaled to [-1, 1]).
+
+    Not copied when it already is one, whatever its memory order: a decoder's planar frames
+    arrive channel-major (a transposed view), and copying them costs more than using them.
+    """
     a = np.asarray(chunk)
     if a.dtype.kind in "iu":
         a = a.astype(np.float64) / float(np.iinfo(a.dtype).max)
-    if a.ndim == 2:
-        a = a.mean(axis=1)
-    a = a.astype(np.float32, copy=False)
+    a = np.asarray(a[:, None] if a.ndim == 1 else a, dtype=np.float32)
     if not np.all(np.isfinite(a)):
         a = np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=-1.0)
     return a
 
 
+def to_mono(chunk: np.ndarray) -> np.ndarray:
+    """The channel mean: a product with equal weights (numpy's mean over a short inner axis is ~40x slower)."""
+    a = as_frames(chunk)
+    return a @ np.full(a.shape[1], 1.0 / a.shape[1], dtype=np.float32)
+
+
 class Decimator:
-    """``process(mono_chunk) -> decimated samples`` for as many chunks as wanted."""
+    """``process(chunk) -> decimated mono samples`` for as many chunks (mono or several channels) as wanted."""
 
     def __init__(self, rate: int):
         self.factor = decimation(rate)
         self.rate = rate / self.factor
         if self.factor > 1:
-            self._fir = signal.firwin(16 * self.factor + 1, 0.8 / self.factor).astype(np.float32)
-            self._hist = int(np.ceil((len(self._fir) - 1) / self.factor)) * self.factor
-            self._buf = np.zeros(self._hist, dtype=np.float32)
+            # 8 taps a phase: as accurate as 16 on the bench's tempo and key sets, at half the cost
+            self._fir = signal.firwin(8 * self.factor + 1, 0.8 / self.factor).astype(np.float32)
+            self._start = int(np.ceil((len(self._fir) - 1) / self.factor)) * self.factor
+            self._head = np.zeros(self._start, dtype=np.float32)  # mono samples not yet past the filter
 
     def process(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
+        mono = to_mono(x)
         if self.factor == 1:
-            return x
-        buf = np.concatenate([self._buf, x])
-        usable = (len(buf) - self._hist) // self.factor * self.factor
+            return mono
+        buf = np.concatenate([self._head, mono])
+        usable = (len(buf) - self._start) // self.factor * self.factor
         if usable <= 0:
-            self._buf = buf
+            self._head = buf
             return np.zeros(0, dtype=np.float32)
-        seg = buf[: self._hist + usable]
-        y = signal.upfirdn(self._fir, seg, down=self.factor)
-        first = self._hist // self.factor
-        out = y[first: first + usable // self.factor]
-        self._buf = buf[usable:]
-        return out.astype(np.float32, copy=False)
+        y = signal.upfirdn(self._fir, buf[: self._start + usable], down=self.factor)
+        first = self._start // self.factor
+        self._head = buf[usable:]
+        return y[first: first + usable // self.factor].astype(np.float32, copy=False)
 
 
 class Framer:

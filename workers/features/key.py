@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .frontend import Decimator, Framer, to_mono
+from .frontend import Decimator, Framer
 
 PITCH_CLASSES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
 PROFILES = {
@@ -158,7 +158,7 @@ class KeyDetector:
         self._samples = 0
 
     def add(self, chunk: np.ndarray) -> None:
-        self.add_decimated(self._dec.process(to_mono(chunk)))
+        self.add_decimated(self._dec.process(chunk))
 
     def add_decimated(self, x: np.ndarray) -> None:
         """Samples already mono at ``frontend.analysis_rate(rate)`` (one decimator can feed tempo and key)."""

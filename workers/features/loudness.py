@@ -29,7 +29,8 @@ energy sum of every block, and a bin passes it when its mean block loudness does
 0.1 LU wide, so the album value is within a few hundredths of an LU of gating every block).
 
 A signal is *not measurable* (``integrated_lufs`` None and a ``reason``) when it is shorter
-than one 400 ms block or every block is below -70 LUFS (silence). Imports numpy and scipy only.
+than one 400 ms block or every block is below -70 LUFS (silence). Imports numpy and scipy,
+and numba for the K-weighting loop (``kernels``).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage, signal
+from scipy import signal
 
 REFERENCE_LUFS = -18.0  # ReplayGain 2.0
 ABSOLUTE_GATE = -70.0
@@ -92,13 +93,14 @@ def to_dbfs(linear: float) -> float:
 
 
 def _as_float(chunk: np.ndarray) -> np.ndarray:
+    """Float samples as they are (float32 stays float32, in any memory order); ints scaled to [-1, 1)."""
     a = np.asarray(chunk)
     if a.dtype.kind in "iu":
         info = np.iinfo(a.dtype)
         scale = float(max(-info.min, info.max + 1))
         return (a.astype(np.float64) - (0 if a.dtype.kind == "i" else scale / 2)) / (scale if a.dtype.kind == "i"
                                                                                      else scale / 2)
-    return a.astype(np.float64, copy=False)
+    return a if a.dtype in (np.float32, np.float64) else a.astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,9 @@ class LoudnessMeter:
         if len(self.weights) != channels:
             raise ValueError("one weight per channel")
         self._supported = self.rate >= MIN_RATE  # the 1.7 kHz shelf needs room below Nyquist
+        from .kernels import kweighted_energy  # numba: only a measuring process pays for importing it
+
+        self._kweighted_energy = kweighted_energy
         self._sos = k_weighting_sos(max(rate, MIN_RATE))
         self._zi = np.zeros((self._sos.shape[0], 2, channels))
         self._pos = 0               # frames seen
@@ -180,25 +185,23 @@ class LoudnessMeter:
             return
         if not np.all(np.isfinite(x)):
             x = np.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
-        ax = np.abs(x[:, 0])
-        for c in range(1, x.shape[1]):  # per-frame max over channels (faster than a reduce over axis 1)
-            np.maximum(ax, np.abs(x[:, c]), out=ax)
-        self._sample_peak = max(self._sample_peak, float(ax.max()))
         if not self._supported:
+            self._sample_peak = max(self._sample_peak, float(np.abs(x).max()))
             self._pos += len(x)
             return
+        e, ax = np.empty(len(x)), np.empty(len(x))  # per frame: weighted K-filtered energy, max |sample|
+        self._kweighted_energy(x, self._sos, self._zi, self.weights, e, ax)
+        self._sample_peak = max(self._sample_peak, float(ax.max()))
         self._peaks(x, ax)
-        y, self._zi = signal.sosfilt(self._sos, x, axis=0, zi=self._zi)
-        e = np.square(y) @ self.weights
-        cum = np.concatenate([[0.0], np.cumsum(e)])
         start, end = self._pos, self._pos + len(x)
-        last = start
-        while self._boundary(self._hops + 1) <= end:
-            b = self._boundary(self._hops + 1)
-            self._partial += cum[b - start] - cum[last - start]
-            self._close_hop(b - self._boundary(self._hops))
-            last = b
-        self._partial += cum[end - start] - cum[last - start]
+        ends = []  # where in this chunk each 100 ms hop it completes ends
+        while self._boundary(self._hops + len(ends) + 1) <= end:
+            ends.append(self._boundary(self._hops + len(ends) + 1) - start)
+        starts = [0, *ends] if not ends or ends[-1] < len(e) else [0, *ends[:-1]]
+        for k, piece in enumerate(np.add.reduceat(e, starts)):  # one sum per piece: cheaper than a cumsum
+            self._partial += float(piece)
+            if k < len(ends):
+                self._close_hop(self._boundary(self._hops + 1) - self._boundary(self._hops))
         self._pos = end
 
     def _close_hop(self, length: int) -> None:
@@ -226,8 +229,12 @@ class LoudnessMeter:
         self._history = ext[len(ext) - self._hist_len:]
         self._history_ax = ext_ax[len(ext_ax) - self._hist_len:]
         bound = max(self._true_peak, float(ax.max()) if len(ax) else 0.0)
-        near = ndimage.maximum_filter1d(ext_ax, size=2 * taps, mode="constant")
-        cand = np.nonzero(near[self._hist_len:] * self._gain > bound)[0] + self._hist_len
+        # output n interpolates ext[n - hist_len .. n]: only outputs within reach of a loud input can beat it
+        hits = np.flatnonzero(ext_ax > bound / self._gain)
+        reach = np.zeros(len(ext) + taps, dtype=bool)
+        for k in range(taps):
+            reach[hits + k] = True
+        cand = np.flatnonzero(reach[self._hist_len:len(ext)]) + self._hist_len
         best = bound
         for i in range(0, len(cand), 8192):
             n = cand[i:i + 8192]

@@ -67,7 +67,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .frontend import Decimator, Framer, to_mono
+from .frontend import Decimator, Framer
 
 MIN_BPM, MAX_BPM = 40.0, 250.0
 PRIOR_BPM, PRIOR_OCTAVES = 125.0, 1.0
@@ -114,7 +114,7 @@ class TempoTracker:
         self._samples = 0
 
     def add(self, chunk: np.ndarray) -> None:
-        self.add_decimated(self._dec.process(to_mono(chunk)))
+        self.add_decimated(self._dec.process(chunk))
 
     def add_decimated(self, x: np.ndarray) -> None:
         """Samples already mono at ``frontend.analysis_rate(rate)`` (one decimator can feed tempo and key)."""
