@@ -118,7 +118,7 @@ ASGI_APPLICATION = "project.asgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [],
+        "DIRS": [BASE_DIR / "templates"],  # the project's overrides of the admin's templates (its favicon)
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [

@@ -11,26 +11,22 @@ logic and is applied only in these processes.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from django.contrib.auth.hashers import PBKDF2PasswordHasher
 
 from bench.live import WebServer
 from workers.library.libraries import add_library
 from workers.models import Track
 
 from tests.conftest import ROOT, manage
+from tests.live.browser import CHROMIUM, FLAGS, collect_static, login, make_user, playwright, wait_live
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 SLOW_READ_SECONDS = 0.04
 COPIES = 5
 
@@ -47,12 +43,6 @@ fileinfo.read = slow_read
 from django.core.management import call_command
 call_command("run_scanner")
 """
-
-playwright = pytest.importorskip("playwright.sync_api", reason="the test extra installs playwright")
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is missing (deploy/bootstrap.sh --test installs Debian's chromium)",
-                allow_module_level=True)
-
 
 def demo_library(path: Path, env: dict) -> Path:
     """24 synthesized tracks, the tree copied ``COPIES`` times: 120 files in many folders, made quickly."""
@@ -88,10 +78,8 @@ def scan_row_state(page, library_id: int) -> dict:
 
 def test_dashboard_shows_a_scan_from_the_admin_live(worker_env, tmp_path, django_user_model, artifacts_dir):
     library = add_library("demo", str(demo_library(tmp_path / "music", worker_env)))
-    # Hashed for the server's settings: the test settings' fast MD5 hasher is unknown there.
-    password = PBKDF2PasswordHasher().encode("s3cret-pass", "browsertestsalt", iterations=1000)
-    django_user_model.objects.create(username="alice", password=password, is_staff=True, is_superuser=True)
-    manage("collectstatic", "--noinput", "-v", 0, env=worker_env)  # the admin and dashboard.js, via WhiteNoise
+    make_user(django_user_model, "alice", is_staff=True, is_superuser=True)
+    collect_static(worker_env)
     server = WebServer(worker_env, tmp_path / "web.log").start()
     scanners = [slow_scanner(worker_env, n, tmp_path / f"scanner{n}.log") for n in range(2)]
     seen: list[dict] = []
@@ -125,12 +113,8 @@ def drive(browser, base: str, library_id: int, artifacts_dir: Path) -> list[dict
     dashboard = browser.new_page()
     errors: list[str] = []
     dashboard.on("pageerror", lambda exc: errors.append(str(exc)))
-    dashboard.goto(f"{base}/admin/login/?next=/admin/dashboard/")
-    dashboard.fill("#id_username", "alice")
-    dashboard.fill("#id_password", "s3cret-pass")
-    dashboard.click("input[type=submit]")
-    dashboard.wait_for_url(f"{base}/admin/dashboard/")
-    dashboard.wait_for_function("document.getElementById('earmark-connection').textContent === 'live'")
+    login(dashboard, base, "alice", "/admin/dashboard/")
+    wait_live(dashboard)
     dashboard.wait_for_function(
         "document.querySelectorAll('#earmark-workers td[data-field=\"state\"]').length === 2", timeout=30_000)
     dashboard.evaluate("window.__earmarkNoReload = true")

@@ -5,7 +5,9 @@
   ``workers.control_supervisor``: supervisord's programs and their numbers;
   ``workers.manage_libraries``: adding, changing, deleting and scanning libraries.
   Staff without them get 403 everywhere; superusers have them all.
-* Migration 0009 makes them and the ``viewer`` and ``operator`` groups, and takes them away again.
+* Migration 0009 makes them and the ``viewer`` and ``operator`` groups, and takes them away again;
+  0010 lets both groups read the track, job, library and calibration lists (and takes that back).
+* The job list's retry and cancel need ``operate_queues`` (not ``change_job``).
 * An open stream is closed within a few seconds of its user logging out or losing the permission.
 * django-axes: 5 failed logins for one username from one IP lock that pair out (429).
 """
@@ -59,29 +61,52 @@ def _get(client, url):
 # --- the groups -----------------------------------------------------------------------------
 
 
-@pytest.mark.django_db(transaction=True)
-def test_migration_0009_makes_the_permissions_and_groups_and_takes_them_back():
+def migrate(target: str | None = None):
+    """Migrate the workers app to ``target``, or to its latest migration."""
     from django.db import connection
     from django.db.migrations.executor import MigrationExecutor
 
-    def migrate(target):
-        executor = MigrationExecutor(connection)
-        executor.loader.build_graph()
-        executor.migrate([("workers", target)])
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    executor.migrate([("workers", target)] if target else executor.loader.graph.leaf_nodes("workers"))
 
+
+def group_codes(name: str) -> set[str]:
+    return set(Group.objects.get(name=name).permissions.values_list("codename", flat=True))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_migration_0009_makes_the_permissions_and_groups_and_takes_them_back():
     migrate("0008_features_identity_tokens")  # back first: a flush by an earlier test leaves 0009 applied, but empty
     assert not Group.objects.filter(name__in=["viewer", "operator"]).exists()
     migrate("0009_admin_permissions")
-    codes = lambda g: set(Group.objects.get(name=g).permissions.values_list("codename", flat=True))  # noqa: E731
-    assert codes("viewer") == {"view_dashboard"}
-    assert codes("operator") == {"view_dashboard", "operate_queues", "manage_libraries"}
+    assert group_codes("viewer") == {"view_dashboard"}
+    assert group_codes("operator") == {"view_dashboard", "operate_queues", "manage_libraries"}
     assert Permission.objects.filter(content_type__app_label="workers", codename="control_supervisor").exists()
     migrate("0008_features_identity_tokens")
     assert not Group.objects.filter(name__in=["viewer", "operator"]).exists()
     assert not Permission.objects.filter(codename__in=["view_dashboard", "operate_queues", "manage_libraries"]).exists()
     assert Permission.objects.filter(codename="control_supervisor").exists(), "0004's permission stays"
-    migrate("0009_admin_permissions")
+    migrate()
     assert Group.objects.filter(name__in=["viewer", "operator"]).count() == 2
+
+
+LIST_VIEWS = {"view_track", "view_job", "view_library", "view_calibration"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_migration_0010_lets_both_groups_read_the_lists_and_takes_that_back():
+    migrate("0008_features_identity_tokens")  # back first: a flush leaves the groups' migrations applied, but empty
+    migrate("0009_admin_permissions")
+    assert not group_codes("viewer") & LIST_VIEWS and not group_codes("operator") & LIST_VIEWS
+    migrate("0010_group_view_permissions")
+    assert group_codes("viewer") == {"view_dashboard"} | LIST_VIEWS
+    assert group_codes("operator") == {"view_dashboard", "operate_queues", "manage_libraries"} | LIST_VIEWS
+    migrate("0009_admin_permissions")
+    assert group_codes("viewer") == {"view_dashboard"}, "the grants are taken back"
+    assert Permission.objects.filter(codename__in=LIST_VIEWS).count() == len(LIST_VIEWS), "Django's rows stay"
+    migrate()
+    assert group_codes("viewer") >= LIST_VIEWS
 
 
 # --- who may look and act ---------------------------------------------------------------------
@@ -138,6 +163,54 @@ def test_an_operator_steers_queues_and_libraries_but_not_supervisor(make_client,
     assert LogEntry.objects.filter(user=user, object_repr="music", change_message="scan queued").exists()
     client.post(reverse("admin:workers_library_delete", args=[library.id]), {"post": "yes"})
     assert not Library.objects.exists()
+
+
+def _failed_job() -> Job:
+    queue.enqueue("tag", "t")
+    Job.objects.update(state="failed", last_error="boom")
+    return Job.objects.get()
+
+
+@pytest.mark.django_db
+def test_both_groups_read_the_track_and_job_lists_and_only_operators_retry_there(make_client, library):
+    job, jobs = _failed_job(), reverse("admin:workers_job_changelist")
+    tracks = reverse("admin:workers_track_changelist")
+    viewer, _ = make_client("look", group="viewer")
+    operator, user = make_client("op", group="operator")
+    for client in (viewer, operator):
+        for url in (tracks, jobs, reverse("admin:workers_job_change", args=[job.id]),
+                    reverse("admin:workers_library_changelist")):
+            assert client.get(url).status_code == 200, url
+    assert 'value="retry"' not in viewer.get(jobs).content.decode()
+    viewer.post(jobs, {"action": "retry", "_selected_action": [job.id]})
+    assert Job.objects.get().state == "failed", "a viewer's retry does nothing"
+    assert 'value="retry"' in operator.get(jobs).content.decode() and 'value="cancel"' in operator.get(jobs).content.decode()
+    operator.post(jobs, {"action": "retry", "_selected_action": [job.id]})
+    assert Job.objects.get().state == "queued"
+    operator.post(jobs, {"action": "cancel", "_selected_action": [job.id]})
+    assert Job.objects.get().state == "cancelled"
+    assert LogEntry.objects.filter(user=user, object_repr__in=["jobs: retry", "jobs: cancel"]).count() == 2
+
+
+@pytest.mark.django_db
+def test_the_job_actions_need_operate_queues_not_change_job(make_client):
+    job, jobs = _failed_job(), reverse("admin:workers_job_changelist")
+    editor, user = make_client("editor")
+    user.user_permissions.add(*Permission.objects.filter(codename__in=["view_job", "change_job"]))
+    assert 'value="retry"' not in editor.get(jobs).content.decode()
+    editor.post(jobs, {"action": "retry", "_selected_action": [job.id]})
+    assert Job.objects.get().state == "failed"
+    operator, user = make_client("queues", perms=(OPERATE_PERMISSION,))
+    user.user_permissions.add(Permission.objects.get(codename="view_job"))
+    operator.post(jobs, {"action": "retry", "_selected_action": [job.id]})
+    assert Job.objects.get().state == "queued"
+
+
+@pytest.mark.django_db
+def test_staff_without_permissions_get_no_track_or_job_list(make_client):
+    client, _ = make_client("nobody")
+    for name in ("admin:workers_track_changelist", "admin:workers_job_changelist"):
+        assert client.get(reverse(name)).status_code == 403, name
 
 
 @pytest.mark.django_db

@@ -1,11 +1,11 @@
-"""The admin's job pages: every queue's jobs, their attempts and errors; retry and cancel."""
+"""The admin's job pages: every queue's jobs, their attempts and errors; retry and cancel (operate queues)."""
 from __future__ import annotations
 
 from django.contrib import admin, messages
 
 from workers.admin.common import WorkerRows, json_block, pre, short
 from workers.jobs import queue
-from workers.live.views import log_action
+from workers.live.views import OPERATE_PERMISSION, log_action
 from workers.models import Job
 
 
@@ -43,14 +43,22 @@ class JobAdmin(WorkerRows, admin.ModelAdmin):
     def result_json(self, obj):
         return json_block(obj.result)
 
-    @admin.action(description="Retry (failed or cancelled jobs)", permissions=["change"])
+    def has_operate_permission(self, request) -> bool:
+        """Retry and cancel are queue work, the operators' job: ``workers.operate_queues``, as on the dashboard.
+
+        Not ``change_job``: no one edits a job's row by hand, and an operator
+        who may pause a whole queue may surely retry one of its jobs.
+        """
+        return request.user.has_perm(OPERATE_PERMISSION)
+
+    @admin.action(description="Retry (failed or cancelled jobs)", permissions=["operate"])
     def retry(self, request, queryset):
         ids = list(queryset.values_list("id", flat=True))
         n = queue.retry(ids)
         log_action(request, "retry", f"requeued {n} of {len(ids)} chosen job(s)", what="jobs")
         self.message_user(request, f"Requeued {n} job(s).", messages.SUCCESS)
 
-    @admin.action(description="Cancel (queued jobs; running ones finish)", permissions=["change"])
+    @admin.action(description="Cancel (queued jobs; running ones finish)", permissions=["operate"])
     def cancel(self, request, queryset):
         ids = list(queryset.values_list("id", flat=True))
         n = queue.cancel(ids)

@@ -29,21 +29,30 @@ BAR_GAP = 4
 LABEL_WIDTH = 150
 COUNT_WIDTH = 52
 TITLE_HEIGHT = 22
-BAR_COLOUR = "#79aec8"
+# Colours follow the admin's theme, light or dark: inside the admin page the SVG is inline, so the
+# admin's CSS variables apply (``--body-fg`` is near-black in the light theme, near-white in the dark
+# one); each falls back to the light theme's colour where the SVG stands alone. The colours are given
+# as presentation attributes too (the fallback of last resort) and as ``style`` (which wins, and may use var()).
+BAR_COLOUR = "#79aec8"  # the admin's blue: readable on either background
 MARK_COLOUR = "#ba2121"
-TEXT_STYLE = "font-family:sans-serif;font-size:11px;fill:#333"
+TEXT_FILL = "var(--body-fg, #333)"
+AXIS_STROKE = "var(--body-quiet-color, #999)"
+MARK_STROKE = f"var(--error-fg, {MARK_COLOUR})"
+FONT = "font-family:sans-serif;font-size:11px"
 MAX_LABEL_CHARS = 24
 
 
-def _text(x: float, y: float, content: str, anchor: str = "start", extra: str = "") -> str:
-    return (f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" style="{TEXT_STYLE}"{extra}>'
+def _text(x: float, y: float, content: str, anchor: str = "start", extra: str = "", fill: str = TEXT_FILL) -> str:
+    """A label in the theme's text colour (``fill``: another CSS colour, e.g. a mark's)."""
+    return (f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" style="{FONT};fill:{fill}"{extra}>'
             f"{escape(content)}</text>")
 
 
 def _svg(width: float, height: float, title: str, body: list[str]) -> str:
+    """The chart at its natural size, shrunk to fit a narrower column (a phone) rather than overflow it."""
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-            f'viewBox="0 0 {width:.0f} {height:.0f}" role="img" aria-label={quoteattr(title)}>'
-            f"<title>{escape(title)}</title>{''.join(body)}</svg>")
+            f'viewBox="0 0 {width:.0f} {height:.0f}" style="max-width:100%;height:auto" role="img" '
+            f"aria-label={quoteattr(title)}><title>{escape(title)}</title>{''.join(body)}</svg>")
 
 
 def _short(label: str) -> str:
@@ -87,15 +96,16 @@ def histogram(counts: Sequence[int], lo: float, hi: float, title: str, marks: Ma
             body.append(f'<rect x="{left + i * bin_w:.2f}" y="{top_pad + plot_h - h:.2f}" width="{max(bin_w - 0.5, 0.5):.2f}" '
                         f'height="{h:.2f}" fill="{BAR_COLOUR}"/>')
     base = top_pad + plot_h
-    body.append(f'<line x1="{left}" y1="{base}" x2="{left + plot_w}" y2="{base}" stroke="#999"/>')
+    body.append(f'<line x1="{left}" y1="{base}" x2="{left + plot_w}" y2="{base}" stroke="#999" '
+                f'style="stroke:{AXIS_STROKE}"/>')
     body.append(_text(left, base + 13, f"{lo:g}", anchor="middle"))
     body.append(_text(left + plot_w, base + 13, f"{hi:g}", anchor="middle"))
     body.append(_text(left - 4, top_pad + 8, str(max(counts, default=0)), anchor="end"))
     for name, value in (marks or {}).items():
         x = left + plot_w * min(1.0, max(0.0, (value - lo) / (hi - lo)))
         body.append(f'<line x1="{x:.2f}" y1="{top_pad - 4}" x2="{x:.2f}" y2="{base}" stroke="{MARK_COLOUR}" '
-                    f'stroke-dasharray="3,2"><title>{escape(name)} = {value:.4g}</title></line>')
-        body.append(_text(x, top_pad - 6, f"{name} {value:.3g}", anchor="middle", extra=f' style="fill:{MARK_COLOUR}"'))
+                    f'stroke-dasharray="3,2" style="stroke:{MARK_STROKE}"><title>{escape(name)} = {value:.4g}</title></line>')
+        body.append(_text(x, top_pad - 6, f"{name} {value:.3g}", anchor="middle", fill=MARK_STROKE))
     return _svg(width, height, title, body)
 
 

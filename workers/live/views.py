@@ -275,12 +275,14 @@ def control_permission():
 
 
 def ensure_groups() -> dict:
-    """The permissions and the ``viewer`` and ``operator`` groups as migration 0009 makes them (a flush removes them)."""
+    """The permissions and the ``viewer`` and ``operator`` groups as migrations 0009 and 0010 make them (a flush
+    removes them)."""
     from django.apps import apps
     from django.contrib.auth.models import Group
 
     migration = import_module("workers.migrations.0009_admin_permissions")
     migration.create(apps, None)
+    import_module("workers.migrations.0010_group_view_permissions").grant(apps, None)
     return {g.name: g for g in Group.objects.filter(name__in=migration.GROUPS)}
 
 

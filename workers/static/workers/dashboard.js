@@ -46,6 +46,19 @@
     return cell;
   }
 
+  // A path or an error naming one: the same text, with a line-break opportunity after each "/" (a <wbr>,
+  // which adds no text), so a long path wraps between its folders instead of splitting a word.
+  function setPath(row, field, value) {
+    const cell = row.querySelector('[data-field="' + field + '"]');
+    if (!cell || cell.textContent === value) return cell;
+    cell.textContent = "";
+    value.split("/").forEach((part, i) => {
+      if (i) { cell.appendChild(document.createTextNode("/")); cell.appendChild(document.createElement("wbr")); }
+      if (part) cell.appendChild(document.createTextNode(part));
+    });
+    return cell;
+  }
+
   function setBar(row, field, value, max) {
     const bar = row.querySelector('[data-bar="' + field + '"]');
     if (!bar) return;
@@ -127,7 +140,7 @@
       for (const f of ["host", "queue", "number", "pid", "device"]) setCell(row, f, text(w[f]));
       setCell(row, "state", text(w.state)).className = "state-" + text(w.state);
       const working = w.state === "busy" || w.state === "stopping";  // an idle row may still name its last job
-      setCell(row, "file", working ? text(w.file || w.job_key) : "");
+      setPath(row, "file", working ? text(w.file || w.job_key) : "");
       setBar(row, "progress", w.state === "busy" ? w.progress : null, 1);
       setCell(row, "progress", w.state === "busy" && w.progress !== null && w.progress !== undefined
         ? Math.round(w.progress * 100) + "%" + (w.detail && w.detail !== w.file ? " " + w.detail : "") : "");
@@ -160,7 +173,7 @@
       setCell(row, "folders", total ? (s.folders_done || 0) + " / " + total : "");
       // Time left for the folders found so far, at the folders per minute since the scan began.
       setCell(row, "eta", s.eta ? s.eta + (s.rate ? " (" + s.rate + " folders/min)" : "") : "");
-      setCell(row, "error", text(s.error || s.last_scan_error || (s.errors ? s.errors + " unreadable folder(s)" : "")));
+      setPath(row, "error", text(s.error || s.last_scan_error || (s.errors ? s.errors + " unreadable folder(s)" : "")));
     }
     dropMissing(tbody, keys);
   }
@@ -175,10 +188,10 @@
       const row = rowFor(tbody, key, cells);
       setCell(row, "id", String(f.id));
       setCell(row, "queue", f.queue);
-      setCell(row, "what", f.path || f.key);
+      setPath(row, "what", text(f.path || f.key));
       setCell(row, "attempts", String(f.attempts));
       setCell(row, "when", when(f.finished_at));
-      setCell(row, "error", f.error);
+      setPath(row, "error", text(f.error));
     }
     dropMissing(tbody, keys);
     document.getElementById("earmark-no-failures").hidden = keys.size > 0;
