@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check of `python -m bench.tagger`, as one prepared run on a lent GPU
+# The GPU check of `python -m bench.tagger` and of the batched torch features
+# (`python -m bench.features_gpu`: numpy path against torch path), as one prepared run on a lent GPU
 # machine: it has Python 3 and a CUDA build of torch, but no network and none
 # of Earmark's other packages.
 #
@@ -11,7 +12,10 @@
 # device's Python (DEVICE_PY, default 3.12), copies the pure-Python packages
 # the settings import from .venv, and installs the models from the cached
 # musicnn wheel. run installs the wheels into /tmp/site and runs the GPU
-# sweep and the batching tagger on the GPU (BENCH_ARGS to change sizes).
+# sweep and the batching tagger on the GPU (BENCH_ARGS to change sizes), then
+# the features bench (FEATURES_ARGS). workers.features (there, and in the tagger's
+# decode workers) needs numpy, scipy and numba on the device: their cp312 wheels are
+# ~115 MB, over what a run may carry (64 MiB), so the device image must have them.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 case "${1:-}" in
@@ -35,6 +39,8 @@ run)
   nvidia-smi -L
   python3 -m bench.tagger --gpu ${BENCH_ARGS:---tracks 24 --pipeline-tracks 300 --repeats 2} 2>&1 \
     | tee "${OUT:-/tmp}/gpu-bench.txt"
+  python3 -m bench.features_gpu ${FEATURES_ARGS:---files 32 --seconds 120 --repeats 3} 2>&1 \
+    | tee "${OUT:-/tmp}/gpu-features.txt"
   ;;
 *)
   echo "usage: $0 prepare|run" >&2

@@ -28,7 +28,7 @@ import torch
 
 from workers.audio.decode import TARGET_SR, DecodeError, iter_decode
 from workers.features.extract import StreamMeasure
-from workers.tagging import converge, fast, frontend, labels, loading
+from workers.tagging import converge, fast, features_torch, frontend, labels, loading
 from workers.tagging.manifest import DEFAULT_MODELS
 
 HOP = frontend.HOP
@@ -79,6 +79,9 @@ class Analyzer:
     """Loads the networks once per process and scores files on one device."""
 
     measure_features = True  # tempo, key, loudness in the same decode (off only to measure their cost: bench)
+    # Batched files' features measured here in torch (``features_torch``) rather than in the decode
+    # workers: None means on a GPU only, where the decode workers are the bottleneck; True forces it.
+    batched_features: bool | None = None
 
     def __init__(self, device: str = "auto", models_dir=None, names=DEFAULT_MODELS, patch_batch: int | None = None,
                  decode_workers: int = 0):
@@ -164,7 +167,13 @@ class Analyzer:
         ``rules``: per path, a ``converge.StopRule`` (fast) or None (every patch).
         """
         paths = list(paths)
-        return PendingBatch(self, paths, [self._submit(prepare_file, p) for p in paths], rules)
+        native = self._ships_native()
+        return PendingBatch(self, paths, [self._submit(prepare_file, p, native) for p in paths], rules)
+
+    def _ships_native(self) -> bool:
+        """Whether decode workers hand over native samples for ``score_prepared`` to measure in torch."""
+        on = self.device.startswith("cuda") if self.batched_features is None else self.batched_features
+        return bool(on and self.measure_features)
 
     def start_workers(self) -> None:
         """Start the decode processes now (spawning one imports torch: seconds), not on the first file."""
@@ -182,7 +191,11 @@ class Analyzer:
             return self._pool().submit(fn, *args)
 
     def score_prepared(self, prepared: list, rules=None) -> list:
-        """Run the networks on the patches of several decoded files in shared forward passes."""
+        """Run the networks on the patches of several decoded files in shared forward passes.
+
+        Files whose decode worker shipped native samples have their features measured here first,
+        in one torch batch on the networks' device."""
+        features_torch.measure_prepared([p for p in prepared if isinstance(p, Prepared)], self.device)
         rules = list(rules or [None] * len(prepared))
         self._score_converging([(p, r) for p, r in zip(prepared, rules) if isinstance(p, Prepared) and r is not None])
         ready = [p for p, r in zip(prepared, rules) if isinstance(p, Prepared) and r is None]
@@ -225,7 +238,7 @@ class Analyzer:
     def _decode_alone(self, path):
         """Decode one file by itself after a decode process died: a crash now is this file's own."""
         try:
-            return self._submit(prepare_file, path).result()
+            return self._submit(prepare_file, path, self._ships_native()).result()
         except BrokenProcessPool:
             return DecodeError("corrupt", "the decoder crashed on this file (it killed its decode process)")
 
@@ -256,26 +269,32 @@ def _decode_worker_init() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def prepare_file(path):
-    """Decode one file and cut its patches (in a decode worker); the exception instead on failure."""
+def prepare_file(path, native: bool = False):
+    """Decode one file and cut its patches (in a decode worker); the exception instead on failure.
+
+    ``native``: keep the native-rate samples (``features_torch.NativeCapture``) for the tagger
+    process to measure on its device, rather than measuring them here; a file too long for that
+    is still measured here."""
     timings = {"decode": 0.0, "frontend": 0.0, "networks": 0.0}
     stream = _PatchStream()
+    capture = features_torch.NativeCapture() if native else None
     try:
-        parts = list(_patch_chunks(path, stream, timings, None))
+        parts = list(_patch_chunks(path, stream, timings, None, measure=capture))
     except Exception as exc:  # noqa: BLE001 - reported per file
         return exc
     patches = torch.cat(parts).numpy() if parts else np.zeros((0, PATCH, frontend.N_MELS), np.float32)
-    return Prepared(patches, stream.samples, timings, features=stream.features)
+    return Prepared(patches, stream.samples, timings, features=stream.features,
+                    native=capture.native() if capture is not None else None)
 
 
-def _patch_chunks(path, stream, timings, max_seconds, features: bool = True):
+def _patch_chunks(path, stream, timings, max_seconds, features: bool = True, measure=None):
     """Patches of a file, chunk by chunk, timing decode, front end and features separately.
 
     Tempo, key and loudness ride on the same demux and decode, at the file's
-    own rate and channels (``StreamMeasure``); they land in ``stream.features``
-    once the file is decoded to its end.
+    own rate and channels (``StreamMeasure``, or ``measure``, a sink like it);
+    they land in ``stream.features`` once the file is decoded to its end.
     """
-    measure = StreamMeasure()
+    measure = measure if measure is not None else StreamMeasure()
     chunks = iter_decode(path, TARGET_SR, chunk_seconds=CHUNK_PATCHES * PATCH * HOP / TARGET_SR,
                          max_seconds=max_seconds, native_sink=measure if features else None)
     timings.setdefault("features", 0.0)
@@ -348,6 +367,7 @@ class Prepared:
     timings: dict
     result: _Accumulator | converge.Running | None = None
     features: dict = field(default_factory=dict)
+    native: features_torch.Native | None = None  # samples for ``score_prepared`` to measure (then dropped)
 
 
 class _PatchStream:
