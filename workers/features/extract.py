@@ -149,14 +149,11 @@ class StreamMeasure:
         self.block, self.pending, self.count = block, [], 0
 
     def __call__(self, planes: list[np.ndarray], rate: int) -> None:
-        """One decoded frame: a float32 array per channel (``workers.audio.frames.native_planes``),
-        or a ``(frames, channels)`` array."""
+        """One decoded frame: a float32 array per channel (``workers.audio.frames.native_planes``)."""
         if self.failure:
             return
         started = time.perf_counter()
         try:
-            if isinstance(planes, np.ndarray):
-                planes = list(np.asarray(planes, dtype=np.float32).reshape(len(planes), -1).T)
             here = (int(rate), len(planes))
             if self.analyzer is None:
                 self.analyzer, self.format = FeatureAnalyzer(*here, tonal_seconds=TONAL_SECONDS), here
